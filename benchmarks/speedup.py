@@ -1,0 +1,54 @@
+"""Measure fp32-vs-optimized speedup per target on a recipe, repeated, and compare with the targets in
+benchmarks/targets.toml. Prints what it measured and the machine it ran on; exits 1 if a target is missed.
+
+    .venv/bin/python benchmarks/speedup.py [RECIPE] [--repeat 3]
+
+Latency on a shared machine is noisy: the figure compared is the median over the repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+from edgekit import pipeline
+from edgekit.bench import machine
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", nargs="?", default=str(HERE.parent / "examples" / "tiny_multimodal"))
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    goals = tomllib.loads((HERE / "targets.toml").read_text())
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            doc = pipeline.run(args.recipe, out=Path(tmp) / f"r{i}")
+            for t in doc["targets"]:
+                runs.setdefault(t["name"], []).append(t)
+    m = machine()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['os']}; recipe: {args.recipe}; repeats: {args.repeat}")
+    ok = True
+    for name, rows in runs.items():
+        sp = [r["speedup_p50"] for r in rows if r["speedup_p50"]]
+        med = statistics.median(sp) if sp else None
+        goal = goals.get(name, {}).get("min_speedup")
+        verdict = "no goal" if goal is None else ("meets" if med and med >= goal else "MISSES")
+        ok &= verdict != "MISSES"
+        fp = [r["fp32"]["latency_ms"]["p50"] for r in rows if r["fp32"] and r["fp32"]["latency_ms"]]
+        op = [r["optimized"]["latency_ms"]["p50"] for r in rows if r["optimized"] and r["optimized"]["latency_ms"]]
+        print(json.dumps({"target": name, "speedups": sp, "median_speedup": med, "goal": goal, "verdict": verdict,
+                          "fp32_p50_ms": fp, "optimized_p50_ms": op,
+                          "metric_drop": [r["metric_drop"] for r in rows]}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

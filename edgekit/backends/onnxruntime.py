@@ -1,0 +1,179 @@
+"""ONNX Runtime: ``torch.onnx.export(dynamo=True)`` -> ``quant_pre_process`` -> ``quantize_static`` (QDQ).
+
+Defaults measured on an AVX-512 VNNI x86 CPU (see README "Why these defaults"): QUInt8 activations
+with QInt8 per-channel weights (U8S8) is the pair ORT's x86 kernels run fast; quantizing only
+Conv/MatMul/Gemm keeps a transformer's ``-inf`` padding-mask path out of calibration, which otherwise
+wrecks MinMax ranges. Every choice is a profile option.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from edgekit.backends.base import Artifact, Backend, Options
+from edgekit.errors import TargetError
+from edgekit.progress import bar, say
+
+_QTYPES = {"quint8": "QUInt8", "qint8": "QInt8", "quint16": "QUInt16", "qint16": "QInt16"}
+_SHORT = {"quint8": "U8", "qint8": "S8", "quint16": "U16", "qint16": "S16"}
+_CALIB = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
+
+
+class ExportOptions(Options):
+    opset: int = 20
+
+
+class QuantizeOptions(Options):
+    format: Literal["qdq", "qoperator"] = "qdq"
+    activation_type: Literal["quint8", "qint8", "quint16", "qint16"] = "quint8"
+    weight_type: Literal["qint8", "quint8"] = "qint8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    symmetric_activations: bool = False
+    calibrate_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
+    op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
+    """ONNX op types to quantize; None = every op ORT can quantize."""
+    nodes_to_exclude: list[str] = []
+    skip_symbolic_shape: bool = False
+    """quant_pre_process's symbolic shape inference crashes on some BERT graphs; edgekit retries
+    with it skipped automatically, this forces it."""
+
+
+class RuntimeOptions(Options):
+    providers: list[str] = ["CPUExecutionProvider"]
+    threads: int = 1
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    suffix = ".onnx"
+    packages = ("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript")
+    install_hint = "pip install 'edgekit[onnxruntime]'"
+    ExportOptions = ExportOptions
+    QuantizeOptions = QuantizeOptions
+    RuntimeOptions = RuntimeOptions
+
+    def export_fp32(self, model, args, inputs, out: Path, opts: ExportOptions) -> Artifact:
+        import torch
+
+        self.require("onnx")
+        self.require("onnxscript")
+        path = out / "model_fp32.onnx"
+        try:
+            torch.onnx.export(model, args, str(path), input_names=[i.name for i in inputs], dynamo=True,
+                              opset_version=opts.opset, external_data=False, verbose=False)
+        except Exception as e:  # noqa: BLE001 - exporter errors are many types
+            raise TargetError(f"torch.onnx.export failed: {type(e).__name__}: {_first_lines(e)}") from None
+        return Artifact(path=path, precision="fp32", details={"opset": opts.opset})
+
+    def quantize(self, fp32: Artifact, calibration, out: Path, opts: QuantizeOptions) -> Artifact:
+        q = self.require("onnxruntime.quantization")
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = out / "model_fp32.pre.onnx"
+        skip = opts.skip_symbolic_shape
+        try:
+            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=skip)
+        except Exception as e:  # noqa: BLE001
+            if skip:
+                raise TargetError(f"quant_pre_process failed: {_first_lines(e)}") from None
+            say(f"  quant_pre_process: symbolic shape inference failed ({_first_lines(e)}); retrying without it")
+            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
+
+        names = list(calibration.arrays)
+
+        class Reader(q.CalibrationDataReader):
+            def __init__(self):
+                self._it = iter(bar(calibration, len(calibration), "calibrate"))
+
+            def get_next(self):
+                return next(self._it, None)
+
+        path = out / "model_int8.onnx"
+        try:
+            q.quantize_static(
+                str(pre), str(path), Reader(),
+                quant_format=q.QuantFormat.QDQ if opts.format == "qdq" else q.QuantFormat.QOperator,
+                op_types_to_quantize=opts.op_types,
+                per_channel=opts.per_channel,
+                reduce_range=opts.reduce_range,
+                activation_type=getattr(q.QuantType, _QTYPES[opts.activation_type]),
+                weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
+                nodes_to_exclude=opts.nodes_to_exclude,
+                calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
+                extra_options={"ActivationSymmetric": opts.symmetric_activations},
+            )
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {_first_lines(e)}") from None
+        finally:
+            pre.unlink(missing_ok=True)
+            shutil.rmtree(out / "augmented_model.onnx", ignore_errors=True)
+        a, w = opts.activation_type, opts.weight_type
+        pair = _SHORT[a] + _SHORT[w]  # e.g. U8S8: uint8 activations, int8 weights
+        precision = (f"int8 ({opts.format.upper()}, {pair}, "
+                     f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method})")
+        return Artifact(path=path, precision=precision, details={
+            "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
+            "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
+            "calibration_samples": len(calibration), "inputs": names})
+
+    def load(self, path: Path, runtime: RuntimeOptions):
+        ort = self.require("onnxruntime")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = runtime.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[runtime.graph_optimization]
+        have = ort.get_available_providers()
+        providers = [p for p in runtime.providers if p in have] or ["CPUExecutionProvider"]
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"onnxruntime cannot load {path}: {_first_lines(e)}") from None
+        return _OrtRunner(sess)
+
+    def unmeasurable_reason(self, runtime: RuntimeOptions) -> Optional[str]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None  # load() reports the missing package
+        want = runtime.providers[0]
+        if want not in ort.get_available_providers():
+            return f"not measured: no {want} on this machine"
+        return None
+
+
+class _OrtRunner:
+    def __init__(self, sess):
+        self.sess = sess
+        self.inputs = {i.name: i for i in sess.get_inputs()}
+        self.providers = sess.get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sess.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
+
+    def synthetic_feed(self) -> dict[str, np.ndarray]:
+        """Inputs from the model's signature: floats ~ N(0, 1), integers 1 (a valid token id and mask)."""
+        rng = np.random.default_rng(0)
+        feed = {}
+        for name, i in self.inputs.items():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+            dtype = np.dtype(_ORT_DTYPES.get(i.type, "float32"))
+            feed[name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                          else np.ones(shape, dtype))
+        return feed
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def _first_lines(e: BaseException, n: int = 6) -> str:
+    return "\n".join(str(e).strip().splitlines()[:n])

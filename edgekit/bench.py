@@ -1,0 +1,101 @@
+"""The latency harness every backend shares, and the machine description that goes with its numbers.
+
+``measure`` runs in its own process per artifact (see ``edgekit.worker``), so peak RSS is that
+artifact's runtime footprint (interpreter + runtime + model), comparable between fp32 and optimized.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from edgekit.progress import bar
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "p50": round(float(np.percentile(ms, 50)), 4),
+        "p90": round(float(np.percentile(ms, 90)), 4),
+        "p99": round(float(np.percentile(ms, 99)), 4),
+        "mean": round(float(ms.mean()), 4),
+        "min": round(float(ms.min()), 4),
+        "std": round(float(ms.std()), 4),
+        "n": int(ms.size),
+    }
+
+
+def time_calls(fn: Callable[[], object], warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in bar(range(runs), runs, "benchmark"):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image. VmHWM, not ru_maxrss: ru_maxrss survives execve and
+    so includes the high-water mark of the (torch-loaded) parent this worker was forked from."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)  # other OSes
+
+
+def measure(load: Callable[[], object], samples, *, warmup: int, runs: int,
+            bench: bool = True) -> tuple[dict, np.ndarray]:
+    """Load an artifact, run every sample (outputs for verification), then time sample 0.
+
+    ``samples`` is a list of feeds, or a function of the loaded runner that returns one.
+    Returns (stats, outputs) where outputs is (N, D): the first output flattened per sample."""
+    t0 = time.perf_counter()
+    runner = load()
+    load_ms = (time.perf_counter() - t0) * 1e3
+    if callable(samples):
+        samples = samples(runner)
+    outs = [np.asarray(runner.run(s)[0]).reshape(-1) for s in bar(samples, len(samples), "verify")]
+    stats: dict = {"load_ms": round(load_ms, 2)}
+    if bench:
+        stats["latency_ms"] = latency_stats(time_calls(lambda: runner.run(samples[0]), warmup, runs))
+    stats["peak_rss_mb"] = peak_rss_mb()
+    return stats, np.stack(outs).astype(np.float32)
+
+
+def machine() -> dict:
+    """What the latency numbers were measured on."""
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = val.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "sve")
+           if f in flags]
+    return {"cpu": cpu or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "cores": os.cpu_count(), "isa": isa, "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def host_device() -> str:
+    return f"host-{platform.machine()}"
+
+
+def describe(stats: Optional[dict]) -> str:
+    if not stats:
+        return "not measured"
+    return f"p50 {stats['p50']:.3f} ms, p90 {stats['p90']:.3f}, p99 {stats['p99']:.3f} (n={stats['n']})"

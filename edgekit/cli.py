@@ -1,0 +1,176 @@
+"""The ``edgekit`` command line. Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 a target failed."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from edgekit import __version__
+from edgekit.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_TARGET_FAILED, InputError, TargetError
+
+RECIPE_HELP = """\
+The recipe (edgekit.toml; relative paths resolve against its folder):
+
+  targets = ["ort-cpu"]                  # profiles in targets/ (see `edgekit targets`) or paths to .toml
+
+  [model]
+  source = "model.py:build"              # file.py:callable returning an nn.Module, or a torch.export .pt2
+  inputs = [                             # in forward() argument order; batch axis = 1
+    { name = "image", shape = [1, 3, 64, 64], dtype = "float32", modality = "image" },
+    { name = "input_ids", shape = [1, 32], dtype = "int64", modality = "text" },
+    { name = "attention_mask", shape = [1, 32], dtype = "int64", modality = "text" },
+  ]
+
+  [data]
+  calibration = "calib.npz"              # one array per input name; axis 0 = sample, no batch axis
+  evaluation = "eval.npz"                # same keys + optional "labels"; held out from calibration
+  metric = "top1"                        # top1 (needs labels) | cosine (fidelity to fp32 torch)
+  # max_calibration_samples = 256        # optional caps
+  # max_evaluation_samples = 1000
+
+  [gates]                                # checked by `edgekit ci` (exit 1), reported by `edgekit run`
+  max_metric_drop = 0.01                 # fp32 torch metric - optimized metric
+  min_speedup = 1.5                      # fp32 p50 / optimized p50, same runtime and device
+  # max_latency_ms = 10.0
+  # max_size_bytes = 20_000_000
+  # [gates.targets.ort-cpu]              # per-target overrides
+  # min_speedup = 2.0
+
+Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
+artifacts/<target>/ (fp32 and optimized), logs/<target>.log. The directory appears only when the
+run finishes; a failed target is a 'failed' row with its reason, and the other targets still run.
+
+Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgekit",
+        description="Prune, quantize, export, verify and benchmark a multimodal PyTorch model for each "
+                    "hardware target, against its fp32 baseline on the same runtime.",
+        epilog="Start with `edgekit doctor` (what toolchains are here), `edgekit targets` (what can be built) "
+               "and `edgekit run --help` (the recipe).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"edgekit {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    for name, help_ in (("run", "build, verify and benchmark every target of a recipe; write the report"),
+                        ("ci", "like run, then enforce the recipe's [gates]: exit 1 if one fails")):
+        r = sub.add_parser(name, help=help_, description=help_ + ".", epilog=RECIPE_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        r.add_argument("recipe", nargs="?", default="edgekit.toml",
+                       help="recipe file or a folder holding edgekit.toml (default: ./edgekit.toml)")
+        r.add_argument("--targets", nargs="+", metavar="TARGET",
+                       help="run these targets instead of the recipe's (names or profile paths)")
+        r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
+
+    b = sub.add_parser("bench", help="benchmark one artifact (.onnx) on this machine",
+                       description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
+                                   "load time and peak RSS. Inputs come from --data (an .npz in the recipe's "
+                                   "data contract; sample 0 is used) or are synthesized from the artifact's "
+                                   "input signature.")
+    b.add_argument("artifact")
+    b.add_argument("--data", metavar="NPZ", help="feed sample 0 of this .npz")
+    b.add_argument("--target", default="ort-cpu", help="profile whose runtime settings to use (default ort-cpu)")
+    b.add_argument("--runs", type=int, default=100)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    sub.add_parser("doctor", help="which toolchains, versions and execution providers are usable here")
+    sub.add_parser("targets", help="list the target profiles")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.cmd:
+        _parser().print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return {"run": _run, "ci": _run, "bench": _bench, "doctor": _doctor, "targets": _targets}[args.cmd](args)
+    except InputError as e:
+        print(f"edgekit: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("edgekit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from edgekit import gates, pipeline, report
+
+    doc = pipeline.run(args.recipe, args.targets, args.out)
+    out = Path(args.out) if args.out else Path("runs") / doc["model"]["name"]
+    print()
+    print(report.table(doc))
+    print()
+    bad_gates = gates.failed(doc["gates"])
+    for g in bad_gates:
+        print(f"gate failed: {g['target']} {g['gate']} = {g['limit']:g} ({g['what']} = {g['value']:g})")
+    failed = [t for t in doc["targets"] if t["status"] == "failed"]
+    for t in failed:
+        print(f"target failed: {t['name']}: {t['reason'].splitlines()[0]}")
+    print(f"report: {out / 'report.md'} (and report.json)")
+    if failed:
+        return EXIT_TARGET_FAILED
+    if bad_gates:
+        if args.cmd == "ci":
+            return EXIT_GATE_FAILED
+        print("(edgekit run reports gates; `edgekit ci` enforces them)")
+    return EXIT_OK
+
+
+def _bench(args) -> int:
+    import numpy as np
+
+    from edgekit.backends import get_backend
+    from edgekit.bench import host_device, measure
+    from edgekit.profiles import load_profile
+
+    path = Path(args.artifact)
+    if not path.is_file():
+        raise InputError(f"artifact {path}: file not found")
+    prof = load_profile(args.target)
+    backend = get_backend(prof.backend)
+    if path.suffix != backend.suffix:
+        raise InputError(f"artifact {path}: target {prof.name} runs {backend.suffix} files")
+    _, _, runtime = backend.options(prof)
+    if args.data:
+        with np.load(args.data, allow_pickle=False) as z:
+            feeds = [{k: z[k][:1] for k in z.files if k != "labels"}]
+    else:
+        feeds = lambda runner: [runner.synthetic_feed()]  # noqa: E731
+    try:
+        stats, _ = measure(lambda: backend.load(path, runtime), feeds, warmup=args.warmup, runs=args.runs)
+    except TargetError as e:
+        raise InputError(str(e)) from None
+    stats.update(artifact=str(path), size_bytes=path.stat().st_size, device=host_device(),
+                 threads=getattr(runtime, "threads", None), target=prof.name)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        lat = stats["latency_ms"]
+        print(f"{path} on {stats['device']} ({prof.name}, {stats['threads']} thread(s)): p50 {lat['p50']:.3f} ms, "
+              f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, mean {lat['mean']:.3f} (n={lat['n']}); "
+              f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb']:.0f} MB; "
+              f"size {stats['size_bytes'] / 1e6:.2f} MB")
+    return EXIT_OK
+
+
+def _doctor(args) -> int:
+    from edgekit.doctor import report
+
+    print(report())
+    return EXIT_OK
+
+
+def _targets(args) -> int:
+    from edgekit.profiles import available, load_profile
+
+    for name in available():
+        p = load_profile(name)
+        print(f"{name:16} {p.backend:12} {p.description}")
+    return EXIT_OK

@@ -1,0 +1,222 @@
+"""The run: validate everything, then per target build -> verify -> benchmark, then write the report.
+
+Nothing is written before the inputs are validated, and the output directory appears only when the
+report is complete: work happens in ``<out>.partial`` and is renamed at the end (removed on error).
+Each target's toolchain work runs in worker processes (``edgekit.worker``); a failed target becomes a
+``failed`` row and the other targets still run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from edgekit import __version__, gates, report
+from edgekit.bench import host_device, machine
+from edgekit.errors import InputError, TargetError
+from edgekit.progress import bar, say, step
+from edgekit.profiles import Profile, load_profile
+from edgekit.recipe import Recipe, load_recipe
+from edgekit.verify import fidelity, score
+
+
+@dataclass
+class Prepared:
+    """Everything validated before any output is written."""
+
+    recipe: Recipe
+    profiles: list[Profile]
+    out: Path
+
+
+def prepare(recipe_path: str | Path, targets: Optional[Sequence[str]], out: Optional[str | Path]) -> Prepared:
+    recipe = load_recipe(recipe_path)
+    names = list(targets) if targets else recipe.targets
+    profiles = [load_profile(n, recipe.root) for n in names]
+    out_dir = Path(out) if out else Path("runs") / recipe.name
+    check_output_dir(out_dir)
+    return Prepared(recipe, profiles, out_dir.resolve())
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise InputError(f"output directory {out}: not empty and not an earlier edgekit output; "
+                         f"refusing to overwrite it (choose another --out)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"output directory {out}: not writable ({e.strerror or e})") from None
+
+
+def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
+        out: Optional[str | Path] = None) -> dict:
+    """Run the whole pipeline; return the report (also written to ``<out>/report.json``)."""
+    from edgekit.data import check_disjoint, load_calibration, load_evaluation
+    from edgekit.model import check_forward, count_macs, count_params, example_inputs, load_model, \
+        reference_outputs
+
+    prep = prepare(recipe_path, targets, out)
+    recipe = prep.recipe
+    calib = load_calibration(recipe)
+    evals = load_evaluation(recipe)
+    check_disjoint(calib, evals)
+    model = load_model(recipe)
+    check_forward(model, recipe.model.inputs, evals.sample(0))
+
+    staging = prep.out.with_name(prep.out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "logs").mkdir(parents=True)
+    try:
+        with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
+            reference = reference_outputs(model, recipe.model.inputs,
+                                          bar(evals, len(evals), "fp32 torch"))
+            fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
+            s["note"] = f"{recipe.data.metric} = {fp32_metric:.4f}"
+        doc = {
+            "schema": report.SCHEMA,
+            "edgekit_version": __version__,
+            "created": report.now(),
+            "machine": machine(),
+            "recipe": {"path": str(recipe.path), "sha256": recipe.digest()},
+            "model": {"name": recipe.name, "source": recipe.model.source,
+                      "params": count_params(model),
+                      "macs": count_macs(model, example_inputs(recipe.model.inputs, evals.sample(0))),
+                      "inputs": [i.model_dump() for i in recipe.model.inputs]},
+            "calibration": {"path": str(calib.path), "n": len(calib)},
+            "eval": {"path": str(evals.path), "metric": recipe.data.metric, "n": len(evals),
+                     "fp32_torch": round(fp32_metric, 6)},
+            "targets": [],
+        }
+        del model
+        for prof in prep.profiles:
+            doc["targets"].append(run_target(prof, recipe, staging, reference, evals.labels, fp32_metric))
+        doc["gates"] = gates.evaluate(recipe.gates, doc["targets"])
+        report.write(doc, staging)
+        _publish(staging, prep.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return doc
+
+
+def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarray,
+               labels: Optional[np.ndarray], fp32_metric: float) -> dict:
+    from edgekit.backends import get_backend
+
+    backend = get_backend(prof.backend)
+    _, _, runtime = backend.options(prof)
+    unmeasurable = backend.unmeasurable_reason(runtime)
+    row: dict = {"name": prof.name, "backend": prof.backend, "description": prof.description,
+                 "device": host_device() if prof.device == "host" else prof.device,
+                 "status": "ok", "reason": None, "threads": getattr(runtime, "threads", None),
+                 "versions": backend.versions(), "fp32": None, "optimized": None,
+                 "speedup_p50": None, "size_ratio": None, "metric_drop": None}
+    art_dir = staging / "artifacts" / prof.name
+    work = staging / "work" / prof.name
+    work.mkdir(parents=True, exist_ok=True)
+    log = staging / "logs" / f"{prof.name}.log"
+    try:
+        built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir)},
+                        work / "build", log)
+        row["timings"] = built["timings"]
+        for kind in ("fp32", "optimized"):
+            art = built.get(kind)
+            if art is None:
+                continue
+            say(f"[{prof.name}] verify + benchmark {kind} ({art['precision']})")
+            res = _worker("measure", {
+                "backend": prof.backend, "artifact": art["path"], "runtime": runtime.model_dump(),
+                "eval": str(recipe.resolve(recipe.data.evaluation)),
+                "inputs": [i.name for i in recipe.model.inputs], "limit": len(reference),
+                "warmup": prof.bench.warmup, "runs": prof.bench.runs, "bench": unmeasurable is None,
+                "outputs": str(work / f"{kind}_outputs.npy")}, work / f"measure_{kind}", log)
+            outputs = np.load(work / f"{kind}_outputs.npy")
+            row[kind] = {
+                "artifact": _rel(art["path"], staging), "files": [_rel(f, staging) for f in art["files"]],
+                "size_bytes": sum(Path(f).stat().st_size for f in art["files"]),
+                "precision": art["precision"], "details": art["details"],
+                "metric": round(score(recipe.data.metric, outputs, reference, labels), 6),
+                "fidelity": fidelity(outputs, reference),
+                "latency_ms": res.get("latency_ms"), "latency_reason": unmeasurable,
+                "load_ms": res["load_ms"], "peak_rss_mb": res["peak_rss_mb"],
+                "verified_on": host_device(),
+            }
+        if built.get("optimized_error"):
+            raise TargetError(built["optimized_error"])
+        fp, op = row["fp32"], row["optimized"]
+        row["metric_drop"] = round(fp32_metric - op["metric"], 6)
+        row["size_ratio"] = round(op["size_bytes"] / fp["size_bytes"], 4)
+        if fp["latency_ms"] and op["latency_ms"]:
+            row["speedup_p50"] = round(fp["latency_ms"]["p50"] / op["latency_ms"]["p50"], 3)
+        say(f"[{prof.name}] ok: {report.summary_line(row)}")
+    except TargetError as e:
+        row["status"], row["reason"] = "failed", str(e)
+        say(f"[{prof.name}] FAILED: {e}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def _worker(kind: str, job: dict, stem: Path, log: Path) -> dict:
+    """Run one worker process; stream its stderr to ours and to the target's log; return its result."""
+    job = {**job, "result": str(stem) + ".result.json"}
+    job_file = Path(str(stem) + ".job.json")
+    job_file.write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail = b""
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.worker", kind, str(job_file)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                logf.write(chunk)
+                tail = (tail + chunk)[-4000:]
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    result_path = Path(job["result"])
+    if not result_path.is_file():
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        last = "\n".join(tail.decode(errors="replace").strip().splitlines()[-8:])
+        raise TargetError(f"the {kind} worker crashed ({how}); last output:\n{last}")
+    result = json.loads(result_path.read_text())
+    if not result.pop("ok"):
+        if "traceback" in result:
+            with open(log, "a") as logf:
+                logf.write(result["traceback"])
+        raise TargetError(result["error"])
+    return result
+
+
+def _rel(path: str, root: Path) -> str:
+    """Artifact paths in the report are relative to the output directory."""
+    return Path(path).relative_to(root).as_posix()
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace ``out`` (an earlier edgekit output, checked in prepare) with the finished staging dir."""
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
