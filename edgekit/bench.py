@@ -84,11 +84,17 @@ def machine() -> dict:
                 flags = set(val.split())
     except OSError:
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "sve")
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "sve")
            if f in flags]
     return {"cpu": cpu or platform.processor() or platform.machine(), "arch": platform.machine(),
             "cores": os.cpu_count(), "isa": isa, "os": platform.platform(),
             "python": platform.python_version()}
+
+
+def has_vnni() -> bool:
+    """x86 int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI); without them int8 GEMMs use
+    VPMADDUBSW, whose int16 intermediate can saturate."""
+    return bool({"avx512_vnni", "avx_vnni"} & set(machine()["isa"]))
 
 
 def host_device() -> str:

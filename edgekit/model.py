@@ -6,6 +6,7 @@ program saved as ``.pt2``. Inputs are passed positionally in the recipe's order.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,14 @@ from torch import nn
 
 from edgekit.errors import InputError
 from edgekit.recipe import InputSpec, Recipe
+
+
+def configure_torch() -> None:
+    """One torch thread unless EDGEKIT_TORCH_THREADS says otherwise. Measured on the 2-core CI machine:
+    with the other core busy, torch's default 2 OpenMP threads ran the tiny example at 290-416 ms a
+    sample instead of 6 ms (spinning barriers). edgekit's torch work (reference outputs, export,
+    calibration) is small next to that risk; the runtimes being benchmarked keep their own settings."""
+    torch.set_num_threads(int(os.environ.get("EDGEKIT_TORCH_THREADS", "1")))
 
 
 def load_model(recipe: Recipe) -> nn.Module:

@@ -66,10 +66,11 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         out: Optional[str | Path] = None) -> dict:
     """Run the whole pipeline; return the report (also written to ``<out>/report.json``)."""
     from edgekit.data import check_disjoint, load_calibration, load_evaluation
-    from edgekit.model import check_forward, count_macs, count_params, example_inputs, load_model, \
-        reference_outputs
+    from edgekit.model import check_forward, configure_torch, count_macs, count_params, example_inputs, \
+        load_model, reference_outputs
 
     prep = prepare(recipe_path, targets, out)
+    configure_torch()
     recipe = prep.recipe
     calib = load_calibration(recipe)
     evals = load_evaluation(recipe)

@@ -27,7 +27,7 @@ def _artifact_json(a) -> dict:
 def build(job: dict) -> dict:
     from edgekit.backends import get_backend
     from edgekit.data import load_calibration
-    from edgekit.model import example_inputs, load_model
+    from edgekit.model import configure_torch, example_inputs, load_model
     from edgekit.profiles import load_profile
     from edgekit.recipe import load_recipe
 
@@ -37,6 +37,7 @@ def build(job: dict) -> dict:
     export_opts, quant_opts, _ = backend.options(profile)
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
+    configure_torch()
     model = load_model(recipe)
     calib = load_calibration(recipe)
     args = example_inputs(recipe.model.inputs, calib.sample(0))

@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from edgekit.backends import get_backend
+from edgekit.bench import has_vnni
 from edgekit.data import load_calibration, load_evaluation
 from edgekit.errors import InputError, TargetError
 from edgekit.model import example_inputs, load_model, reference_outputs
@@ -50,6 +51,7 @@ def test_int8_is_qdq_smaller_and_faithful(built):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert int8.size_bytes < fp32.size_bytes / 2
     assert int8.precision.startswith("int8 (QDQ, U8S8, per-channel")
+    assert int8.details["reduce_range"] == (not has_vnni())
     assert int8.details["calibration_samples"] == 16
     assert cosine(_outputs(backend, rt, int8, evals), ref) > 0.95
     assert not (int8.path.parent / "model_fp32.pre.onnx").exists()  # intermediates cleaned up
