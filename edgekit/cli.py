@@ -67,14 +67,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="run these targets instead of the recipe's (names or profile paths)")
         r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
 
-    b = sub.add_parser("bench", help="benchmark one artifact (.onnx) on this machine",
+    b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml) on this machine",
                        description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
                                    "load time and peak RSS. Inputs come from --data (an .npz in the recipe's "
                                    "data contract; sample 0 is used) or are synthesized from the artifact's "
                                    "input signature.")
     b.add_argument("artifact")
     b.add_argument("--data", metavar="NPZ", help="feed sample 0 of this .npz")
-    b.add_argument("--target", default="ort-cpu", help="profile whose runtime settings to use (default ort-cpu)")
+    b.add_argument("--target", help="profile whose runtime settings to use (default: the first whose backend "
+                                    "runs this file type, e.g. ort-cpu for .onnx, openvino-x86 for .xml)")
     b.add_argument("--runs", type=int, default=100)
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -133,7 +134,7 @@ def _bench(args) -> int:
     path = Path(args.artifact)
     if not path.is_file():
         raise InputError(f"artifact {path}: file not found")
-    prof = load_profile(args.target)
+    prof = load_profile(args.target) if args.target else _profile_for(path)
     backend = get_backend(prof.backend)
     if path.suffix != backend.suffix:
         raise InputError(f"artifact {path}: target {prof.name} runs {backend.suffix} files")
@@ -158,6 +159,17 @@ def _bench(args) -> int:
               f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb']:.0f} MB; "
               f"size {stats['size_bytes'] / 1e6:.2f} MB")
     return EXIT_OK
+
+
+def _profile_for(path: Path):
+    from edgekit.backends import get_backend
+    from edgekit.profiles import available, load_profile
+
+    for name in available():
+        prof = load_profile(name)
+        if get_backend(prof.backend).suffix == path.suffix and prof.device == "host":
+            return prof
+    raise InputError(f"artifact {path}: no target profile runs {path.suffix or 'extension-less'} files here")
 
 
 def _doctor(args) -> int:

@@ -9,6 +9,7 @@ from edgekit.errors import InputError
 # backend name -> "module:class"; modules import their toolchain lazily.
 REGISTRY = {
     "onnxruntime": "edgekit.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "edgekit.backends.openvino:OpenVinoBackend",
 }
 
 

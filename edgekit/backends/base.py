@@ -19,6 +19,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from edgekit.errors import InputError, TargetError
 
 
+def first_lines(e: BaseException, n: int = 6) -> str:
+    """The head of a toolchain's (often very long) error message."""
+    return "\n".join(str(e).strip().splitlines()[:n])
+
+
+def synthetic_array(shape: Sequence[int], dtype, rng: np.random.Generator) -> np.ndarray:
+    """A stand-in input for `edgekit bench` without data: floats ~ N(0, 1), integers 1 (a valid token
+    id and an all-ones mask)."""
+    dtype = np.dtype(dtype)
+    return rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype)
+
+
 class Options(BaseModel):
     """Base for a backend's option tables: unknown keys are errors."""
 

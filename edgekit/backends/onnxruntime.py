@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
-from edgekit.backends.base import Artifact, Backend, Options
+from edgekit.bench import has_vnni
+from edgekit.backends.base import Artifact, Backend, Options, first_lines, synthetic_array
 from edgekit.errors import TargetError
 from edgekit.progress import bar, say
 
@@ -31,7 +32,9 @@ class QuantizeOptions(Options):
     activation_type: Literal["quint8", "qint8", "quint16", "qint16"] = "quint8"
     weight_type: Literal["qint8", "quint8"] = "qint8"
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: Union[bool, Literal["auto"]] = "auto"
+    """7-bit weights, so U8S8 products cannot saturate the int16 accumulators of x86 kernels without VNNI
+    (ORT's docs). 'auto': on when the host CPU has no VNNI (see `edgekit doctor`)."""
     symmetric_activations: bool = False
     calibrate_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
@@ -67,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
             torch.onnx.export(model, args, str(path), input_names=[i.name for i in inputs], dynamo=True,
                               opset_version=opts.opset, external_data=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - exporter errors are many types
-            raise TargetError(f"torch.onnx.export failed: {type(e).__name__}: {_first_lines(e)}") from None
+            raise TargetError(f"torch.onnx.export failed: {type(e).__name__}: {first_lines(e)}") from None
         return Artifact(path=path, precision="fp32", details={"opset": opts.opset})
 
     def quantize(self, fp32: Artifact, calibration, out: Path, opts: QuantizeOptions) -> Artifact:
@@ -80,11 +83,12 @@ class OnnxRuntimeBackend(Backend):
             quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=skip)
         except Exception as e:  # noqa: BLE001
             if skip:
-                raise TargetError(f"quant_pre_process failed: {_first_lines(e)}") from None
-            say(f"  quant_pre_process: symbolic shape inference failed ({_first_lines(e)}); retrying without it")
+                raise TargetError(f"quant_pre_process failed: {first_lines(e)}") from None
+            say(f"  quant_pre_process: symbolic shape inference failed ({first_lines(e)}); retrying without it")
             quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
 
         names = list(calibration.arrays)
+        reduce_range = (not has_vnni()) if opts.reduce_range == "auto" else opts.reduce_range
 
         class Reader(q.CalibrationDataReader):
             def __init__(self):
@@ -100,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
                 quant_format=q.QuantFormat.QDQ if opts.format == "qdq" else q.QuantFormat.QOperator,
                 op_types_to_quantize=opts.op_types,
                 per_channel=opts.per_channel,
-                reduce_range=opts.reduce_range,
+                reduce_range=reduce_range,
                 activation_type=getattr(q.QuantType, _QTYPES[opts.activation_type]),
                 weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
                 nodes_to_exclude=opts.nodes_to_exclude,
@@ -108,16 +112,18 @@ class OnnxRuntimeBackend(Backend):
                 extra_options={"ActivationSymmetric": opts.symmetric_activations},
             )
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {_first_lines(e)}") from None
+            raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {first_lines(e)}") from None
         finally:
             pre.unlink(missing_ok=True)
             shutil.rmtree(out / "augmented_model.onnx", ignore_errors=True)
         a, w = opts.activation_type, opts.weight_type
         pair = _SHORT[a] + _SHORT[w]  # e.g. U8S8: uint8 activations, int8 weights
         precision = (f"int8 ({opts.format.upper()}, {pair}, "
-                     f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method})")
+                     f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method}"
+                     f"{', reduce-range' if reduce_range else ''})")
         return Artifact(path=path, precision=precision, details={
             "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
+            "reduce_range": reduce_range,
             "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
             "calibration_samples": len(calibration), "inputs": names})
 
@@ -136,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             sess = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"onnxruntime cannot load {path}: {_first_lines(e)}") from None
+            raise TargetError(f"onnxruntime cannot load {path}: {first_lines(e)}") from None
         return _OrtRunner(sess)
 
     def unmeasurable_reason(self, runtime: RuntimeOptions) -> Optional[str]:
@@ -160,20 +166,11 @@ class _OrtRunner:
         return self.sess.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
 
     def synthetic_feed(self) -> dict[str, np.ndarray]:
-        """Inputs from the model's signature: floats ~ N(0, 1), integers 1 (a valid token id and mask)."""
         rng = np.random.default_rng(0)
-        feed = {}
-        for name, i in self.inputs.items():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-            dtype = np.dtype(_ORT_DTYPES.get(i.type, "float32"))
-            feed[name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
-                          else np.ones(shape, dtype))
-        return feed
+        return {name: synthetic_array([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
+                                      _ORT_DTYPES.get(i.type, "float32"), rng)
+                for name, i in self.inputs.items()}
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
-
-
-def _first_lines(e: BaseException, n: int = 6) -> str:
-    return "\n".join(str(e).strip().splitlines()[:n])
