@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="run these targets instead of the recipe's (names or profile paths)")
         r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
 
-    b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml) on this machine",
+    b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml, .tflite) on this machine",
                        description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
                                    "load time and peak RSS. Inputs come from --data (an .npz in the recipe's "
                                    "data contract; sample 0 is used) or are synthesized from the artifact's "
@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--data", metavar="NPZ", help="feed sample 0 of this .npz")
     b.add_argument("--target", help="profile whose runtime settings to use (default: the first whose backend "
                                     "runs this file type, e.g. ort-cpu for .onnx, openvino-x86 for .xml)")
+    b.add_argument("--threads", type=int, help="override the profile's thread count")
     b.add_argument("--runs", type=int, default=100)
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -139,6 +140,8 @@ def _bench(args) -> int:
     if path.suffix != backend.suffix:
         raise InputError(f"artifact {path}: target {prof.name} runs {backend.suffix} files")
     _, _, runtime = backend.options(prof)
+    if args.threads:
+        runtime = runtime.model_copy(update={"threads": args.threads})
     if args.data:
         with np.load(args.data, allow_pickle=False) as z:
             feeds = [{k: z[k][:1] for k in z.files if k != "labels"}]

@@ -16,7 +16,6 @@ TOOLCHAINS = [
     ("nncf", "nncf", "NNCF post-training quantization", "pip install 'edgekit[openvino]'"),
     ("litert_torch", "litert-torch", "PyTorch -> .tflite converter", "pip install 'edgekit[litert]'"),
     ("ai_edge_litert", "ai-edge-litert", "LiteRT interpreter (successor of tflite-runtime)", "pip install 'edgekit[litert]'"),
-    ("torch_pruning", "torch-pruning", "structured pruning", "pip install 'edgekit[prune]'"),
 ]
 
 
@@ -51,8 +50,8 @@ def report() -> str:
             lines.append("  WARNING: onnxruntime and onnxruntime-gpu are both installed; they share the import "
                          "name and one silently wins. Use a separate environment for edgekit[onnxruntime-gpu].")
         elif "CUDAExecutionProvider" not in ort.get_available_providers():
-            lines.append("  no CUDA provider: ort-gpu artifacts are built and verified on CPU; GPU latency is "
-                         "'not measured'. For a GPU box: a separate venv with edgekit[onnxruntime-gpu].")
+            lines.append("  no CUDA provider: GPU latency cannot be measured here. For a GPU box: a separate "
+                         "venv with edgekit[onnxruntime-gpu].")
     except ImportError:
         pass
     try:

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edgekit import __version__, gates, report
+from edgekit import __version__, devices, gates, report
 from edgekit.bench import host_device, machine
 from edgekit.errors import InputError, TargetError
 from edgekit.progress import bar, say, step
@@ -120,9 +120,9 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
 
     backend = get_backend(prof.backend)
     _, _, runtime = backend.options(prof)
-    unmeasurable = backend.unmeasurable_reason(runtime)
+    unmeasurable = devices.unmeasurable_reason(prof.device) or backend.unmeasurable_reason(runtime)
     row: dict = {"name": prof.name, "backend": prof.backend, "description": prof.description,
-                 "device": host_device() if prof.device == "host" else prof.device,
+                 "device": devices.label(prof.device),
                  "status": "ok", "reason": None, "threads": getattr(runtime, "threads", None),
                  "versions": backend.versions(), "fp32": None, "optimized": None,
                  "speedup_p50": None, "size_ratio": None, "metric_drop": None}

@@ -29,8 +29,8 @@ class Profile(BaseModel):
     name: str
     backend: str
     description: str = ""
-    device: str = "host"
-    """Where latency is measured: ``host`` (this machine)."""
+    device: str = Field(default="host", pattern=r"^(host|adb:.+)$")
+    """Where latency is measured: ``host`` (this machine) or ``adb:SERIAL`` (an Android phone)."""
     export: dict[str, Any] = {}
     quantize: dict[str, Any] = {}
     runtime: dict[str, Any] = {}

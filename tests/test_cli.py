@@ -5,9 +5,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgekit.cli import main
+from tests.conftest import ROOT, load
 
 
 def test_help_teaches_the_recipe(capsys):
@@ -53,6 +55,32 @@ def test_output_dir_that_is_not_ours_is_not_overwritten(write_recipe, workdir, c
     assert (workdir / "mine" / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-x86", "tflite-mobile"])
+def test_calibration_that_cannot_be_fed_exits_2_naming_the_input(write_recipe, workdir, capsys, target):
+    arrays = load(workdir / "calib.npz")
+    arrays["image"] = arrays["image"][:, :, :16]
+    np.savez(workdir / "calib.npz", **arrays)
+    assert main(["run", str(write_recipe(targets=f'["{target}"]')), "--out", str(workdir / "out")]) == 2
+    assert "input 'image' has per-sample shape (3, 16, 32)" in capsys.readouterr().err
+    assert not (workdir / "out").exists()
+
+
+def test_phone_without_device_is_not_measured_never_host_numbers(write_recipe, workdir):
+    (workdir / "phone.toml").write_text((ROOT / "targets" / "ort-cpu.toml").read_text()
+                                        .replace('name = "ort-cpu"', 'name = "phone"')
+                                        .replace('device = "host"', 'device = "adb:emulator-5554"'))
+    out = workdir / "out"
+    assert main(["run", str(write_recipe(targets='["phone.toml"]')), "--out", str(out)]) == 0
+    (t,) = json.loads((out / "report.json").read_text())["targets"]
+    assert t["status"] == "ok" and t["device"] == "adb:emulator-5554"
+    for side in ("fp32", "optimized"):
+        assert t[side]["latency_ms"] is None
+        assert t[side]["latency_reason"].startswith("not measured: no device")
+        assert t[side]["metric"] > 0.98  # still verified, on the host
+    assert t["speedup_p50"] is None
+    assert "not measured" in (out / "report.md").read_text()
+
+
 def test_bench_corrupt_artifact(tmp_path, capsys):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not a model")
@@ -66,4 +94,5 @@ def test_doctor_and_targets():
     out = subprocess.run([sys.executable, "-m", "edgekit", "doctor"], capture_output=True, text=True, check=True).stdout
     assert "onnxruntime" in out and "CPUExecutionProvider" in out and "ort-cpu" in out
     out = subprocess.run([sys.executable, "-m", "edgekit", "targets"], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("ort-cpu") and "onnxruntime" in out
+    names = [line.split()[0] for line in out.splitlines()]
+    assert names == ["openvino-x86", "ort-cpu", "tflite-mobile"]

@@ -10,6 +10,7 @@ from edgekit.errors import InputError
 REGISTRY = {
     "onnxruntime": "edgekit.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "edgekit.backends.openvino:OpenVinoBackend",
+    "litert": "edgekit.backends.litert:LiteRtBackend",
 }
 
 

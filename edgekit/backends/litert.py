@@ -1,0 +1,207 @@
+"""LiteRT (TFLite) for phones: ``litert_torch.convert`` -> fp32 ``.tflite``; PT2E static int8
+(litert-torch's ``PT2EQuantizer`` + torchao ``prepare_pt2e`` / calibrate / ``convert_pt2e``) -> int8
+``.tflite``; run with ``ai_edge_litert`` (the successor of the retired ``tflite-runtime``), XNNPACK on.
+
+No TensorFlow on this path. What the converter changes, and the runner undoes so every target is fed
+the same real samples: int64 ids/masks become int32 inputs; an int8 model takes an int8 image (scale,
+zero point in the tensor's quantization) and returns int8 outputs, which are dequantized. The
+signature keeps the recipe's input names when they are Python identifiers (the model is wrapped so
+its forward takes them as keywords); otherwise inputs are ``args_0..`` in recipe order.
+"""
+from __future__ import annotations
+
+import keyword
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from edgekit.backends.base import Artifact, Backend, Options, first_lines, synthetic_array
+from edgekit.errors import TargetError
+from edgekit.progress import bar
+
+
+class ExportOptions(Options):
+    pass
+
+
+class QuantizeOptions(Options):
+    precision: Literal["int8", "fp16"] = "int8"
+    """int8: full-integer static PT2E with calibration; fp16: fp16 weights, float compute and I/O."""
+    per_channel: bool = True
+    """Per-output-channel int8 weight scales (TFLite's int8 spec for conv/FC); False = per-tensor."""
+
+
+class RuntimeOptions(Options):
+    threads: int = 1
+    xnnpack: bool = True
+    """The XNNPACK CPU delegate, LiteRT's default on phones; False = the reference builtin kernels."""
+
+
+class LiteRtBackend(Backend):
+    name = "litert"
+    suffix = ".tflite"
+    packages = ("litert-torch", "ai-edge-litert", "torchao")
+    install_hint = "pip install 'edgekit[litert]'"
+    ExportOptions = ExportOptions
+    QuantizeOptions = QuantizeOptions
+    RuntimeOptions = RuntimeOptions
+
+    # The torch model and sample are kept from export_fp32 for quantize (both run in one build worker).
+    _model = None
+    _kwargs: dict = {}
+
+    def export_fp32(self, model, args, inputs, out: Path, opts: ExportOptions) -> Artifact:
+        litert_torch = self.require("litert_torch")
+        self._model, self._kwargs = _named(model, [i.name for i in inputs], args)
+        path = out / "model_fp32.tflite"
+        try:
+            litert_torch.convert(self._model, sample_kwargs=self._kwargs).export(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"litert_torch.convert failed: {type(e).__name__}: {first_lines(e)}") from None
+        return Artifact(path=path, precision="fp32", details={"io": io_details(path)})
+
+    def quantize(self, fp32: Artifact, calibration, out: Path, opts: QuantizeOptions) -> Artifact:
+        import torch
+
+        litert_torch = self.require("litert_torch")
+        if self._model is None:
+            raise TargetError("litert: quantize needs export_fp32 to run first in the same process")
+        path = out / f"model_{opts.precision}.tflite"
+        if opts.precision == "fp16":
+            from litert_torch.generative.quantize import quant_recipes
+
+            try:
+                litert_torch.convert(self._model, sample_kwargs=self._kwargs,
+                                     quant_config=quant_recipes.full_fp16_recipe()).export(str(path))
+            except Exception as e:  # noqa: BLE001
+                raise TargetError(f"litert fp16 conversion failed: {type(e).__name__}: {first_lines(e)}") from None
+            return Artifact(path=path, precision="fp16 weights (float compute)",
+                            details={"io": io_details(path)})
+
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        prepare_pt2e, convert_pt2e = _pt2e()
+        quantizer = PT2EQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=opts.per_channel, is_dynamic=False))
+        names = list(self._kwargs)
+        try:
+            gm = prepare_pt2e(torch.export.export(self._model, (), self._kwargs).module(), quantizer)
+            with torch.no_grad():
+                for sample in bar(calibration, len(calibration), "calibrate"):
+                    gm(**{n: torch.from_numpy(v) for n, v in zip(names, sample.values())})
+            gm = convert_pt2e(gm, fold_quantize=False)
+            litert_torch.convert(gm, sample_kwargs=self._kwargs,
+                                 quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"litert PT2E int8 failed: {type(e).__name__}: {first_lines(e)}") from None
+        return Artifact(path=path, precision=f"int8 (PT2E static, {'per-channel' if opts.per_channel else 'per-tensor'})",
+                        details={"per_channel": opts.per_channel, "calibration_samples": len(calibration),
+                                 "io": io_details(path)})
+
+    def load(self, path: Path, runtime: RuntimeOptions):
+        self.require("ai_edge_litert")
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        kwargs = {} if runtime.xnnpack else \
+            {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+        try:
+            interp = Interpreter(model_path=str(path), num_threads=runtime.threads, **kwargs)
+            interp.allocate_tensors()
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"ai_edge_litert cannot load {path}: {first_lines(e)}") from None
+        return _LiteRtRunner(interp)
+
+
+def _pt2e():
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:  # older stacks ship it in torch.ao
+        from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+    return prepare_pt2e, convert_pt2e
+
+
+def _named(model, names: list[str], args: tuple):
+    """Wrap ``model`` so its forward takes the recipe's input names as keywords: the .tflite signature
+    then carries them. Names that are not Python identifiers keep positional ``args_i`` names."""
+    import torch
+
+    if not all(n.isidentifier() and not keyword.iskeyword(n) for n in names) or "self" in names:
+        class Positional(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *xs):
+                return self.inner(*xs)
+
+        return Positional(model).eval(), {f"args_{i}": a for i, a in enumerate(args)}
+    params = ", ".join(names)
+    ns: dict = {}
+    exec(f"def forward(self, {params}):\n    return self.inner({params})\n", ns)  # noqa: S102 - names checked
+
+    def __init__(self, inner):
+        torch.nn.Module.__init__(self)
+        self.inner = inner
+
+    cls = type("NamedInputs", (torch.nn.Module,), {"__init__": __init__, "forward": ns["forward"]})
+    return cls(model).eval(), dict(zip(names, args))
+
+
+def io_details(path: Path) -> dict:
+    """The signature an app developer feeds on the phone: names, dtypes, shapes, quantization."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    sig = interp.get_signature_list()
+    key = next(iter(sig))
+    r = interp.get_signature_runner(key)
+
+    def side(details: dict) -> list[dict]:
+        return [{"name": n, "dtype": np.dtype(d["dtype"]).name, "shape": [int(x) for x in d["shape"]],
+                 "scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}
+                for n, d in details.items()]
+
+    return {"signature": key, "inputs": side(r.get_input_details()), "outputs": side(r.get_output_details())}
+
+
+class _LiteRtRunner:
+    def __init__(self, interp):
+        self.interp = interp
+        self.runner = interp.get_signature_runner(next(iter(interp.get_signature_list())))
+        self.in_details = self.runner.get_input_details()
+        self.out_details = self.runner.get_output_details()
+        self.positional = all(n.startswith("args_") for n in self.in_details)
+
+    def _feed(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = list(feeds.values())
+        out = {}
+        for name, d in self.in_details.items():
+            x = values[int(name.split("_")[1])] if self.positional else feeds[name]
+            dtype = np.dtype(d["dtype"])
+            scale, zero = d["quantization"]
+            if x.dtype.kind == "f" and dtype.kind in "iu" and scale:
+                info = np.iinfo(dtype)
+                x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+            out[name] = x.astype(dtype, copy=False)
+        return out
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.runner(**self._feed(feeds))
+        outs = []
+        for name in sorted(res, key=_output_order):
+            y, (scale, zero) = res[name], self.out_details[name]["quantization"]
+            outs.append((y.astype(np.float32) - zero) * scale if y.dtype.kind in "iu" and scale else y)
+        return outs
+
+    def synthetic_feed(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        return {name: synthetic_array([int(s) for s in d["shape"]], np.float32 if d["quantization"][0]
+                                      else d["dtype"], rng)
+                for name, d in self.in_details.items()}
+
+
+def _output_order(name: str):
+    tail = name.rsplit("_", 1)[-1]
+    return (0, int(tail)) if tail.isdigit() else (1, name)

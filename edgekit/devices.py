@@ -1,0 +1,35 @@
+"""Where latency is measured. ``host`` is this machine. ``adb:SERIAL`` is an Android phone: edgekit
+checks that it is attached; timing on it (Google's ``benchmark_model`` over adb) is not automated yet,
+so its latency is reported as not measured, never replaced by a host number."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Optional
+
+from edgekit.bench import host_device
+
+
+def label(device: str) -> str:
+    return host_device() if device == "host" else device
+
+
+def unmeasurable_reason(device: str) -> Optional[str]:
+    """None if latency can be measured on ``device`` from here, else the reason for the report."""
+    if device == "host":
+        return None
+    kind, _, where = device.partition(":")
+    if kind == "adb":
+        adb = shutil.which("adb")
+        if adb is None:
+            return f"not measured: no device (adb is not installed; wanted {device})"
+        try:
+            state = subprocess.run([adb, "-s", where, "get-state"], capture_output=True, text=True,
+                                   timeout=15).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            state = ""
+        if state != "device":
+            return f"not measured: no device (adb serial {where!r} is not attached)"
+        return (f"not measured: {device} is attached, but edgekit does not run benchmark_model over adb yet; "
+                f"see README 'Timing on a phone'")
+    return f"not measured: unknown device kind {device!r} (expected host or adb:SERIAL)"
