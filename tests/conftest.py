@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,41 @@ def write_recipe(workdir: Path):
 def load(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
+
+
+@dataclass
+class Built:
+    """One target's fp32 and optimized artifacts, built in-process with the real toolchain."""
+
+    backend: object
+    runtime: object
+    fp32: object
+    optimized: object
+    evals: list
+    reference: np.ndarray
+    model: object
+
+    def outputs(self, path: Path, runtime=None, samples=None) -> np.ndarray:
+        runner = self.backend.load(path, runtime or self.runtime)
+        return np.stack([runner.run(s)[0].reshape(-1) for s in (samples or self.evals)])
+
+
+def build_target(target: str, folder: Path, n_calib: int, n_eval: int) -> Built:
+    from edgekit.backends import get_backend
+    from edgekit.data import load_calibration, load_evaluation
+    from edgekit.model import example_inputs, load_model, reference_outputs
+    from edgekit.profiles import load_profile
+    from edgekit.recipe import load_recipe
+
+    (folder / "edgekit.toml").write_text(recipe_text(
+        f"{EXAMPLE}/model.py:build", f"{DATA}/calib.npz", f"{DATA}/eval.npz",
+        extra=f"max_calibration_samples = {n_calib}\nmax_evaluation_samples = {n_eval}"))
+    r = load_recipe(folder / "edgekit.toml")
+    prof = load_profile(target)
+    backend = get_backend(prof.backend)
+    ex, qo, rt = backend.options(prof)
+    model = load_model(r)
+    calib, evals = load_calibration(r), list(load_evaluation(r))
+    fp32 = backend.export_fp32(model, example_inputs(r.model.inputs, calib.sample(0)), r.model.inputs, folder, ex)
+    opt = backend.quantize(fp32, calib, folder, qo)
+    return Built(backend, rt, fp32, opt, evals, reference_outputs(model, r.model.inputs, evals), model)

@@ -5,36 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit.backends import get_backend
 from edgekit.cli import main
-from edgekit.data import load_calibration, load_evaluation
 from edgekit.errors import TargetError
-from edgekit.model import example_inputs, load_model, reference_outputs
-from edgekit.profiles import load_profile
-from edgekit.recipe import InputSpec, load_recipe
+from edgekit.recipe import InputSpec
 from edgekit.verify import cosine
-from tests.conftest import DATA, EXAMPLE, recipe_text
+from tests.conftest import Built, build_target
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    d = tmp_path_factory.mktemp("litert")
-    (d / "edgekit.toml").write_text(recipe_text(f"{EXAMPLE}/model.py:build", f"{DATA}/calib.npz", f"{DATA}/eval.npz",
-                                                extra="max_calibration_samples = 16\nmax_evaluation_samples = 30"))
-    r = load_recipe(d / "edgekit.toml")
-    prof = load_profile("tflite-mobile")
-    backend = get_backend(prof.backend)
-    ex, qo, rt = backend.options(prof)
-    model = load_model(r)
-    calib, evals = load_calibration(r), load_evaluation(r)
-    fp32 = backend.export_fp32(model, example_inputs(r.model.inputs, calib.sample(0)), r.model.inputs, d, ex)
-    int8 = backend.quantize(fp32, calib, d, qo)
-    return backend, rt, fp32, int8, evals, reference_outputs(model, r.model.inputs, evals)
-
-
-def _outputs(backend, rt, path, evals):
-    runner = backend.load(path, rt)
-    return np.stack([runner.run(s)[0].reshape(-1) for s in evals])
+def built(tmp_path_factory) -> Built:
+    return build_target("tflite-mobile", tmp_path_factory.mktemp("litert"), 16, 30)
 
 
 def _io(artifact, side):
@@ -42,33 +22,32 @@ def _io(artifact, side):
 
 
 def test_fp32_tflite_keeps_input_names_and_matches_torch(built):
-    backend, rt, fp32, _, evals, ref = built
-    ins = _io(fp32, "inputs")
+    ins = _io(built.fp32, "inputs")
     assert set(ins) == {"image", "input_ids", "attention_mask"}
     assert ins["input_ids"]["dtype"] == "int32" and ins["image"]["dtype"] == "float32"  # int64 -> int32
-    np.testing.assert_allclose(_outputs(backend, rt, fp32.path, evals), ref, atol=1e-4)
+    np.testing.assert_allclose(built.outputs(built.fp32.path), built.reference, atol=1e-4)
 
 
 def test_int8_tflite_has_integer_io_that_the_runner_handles(built):
-    backend, rt, fp32, int8, evals, ref = built
+    fp32, int8 = built.fp32, built.optimized
     img, out = _io(int8, "inputs")["image"], _io(int8, "outputs")["output_0"]
     assert img["dtype"] == "int8" and img["scale"] > 0
     assert out["dtype"] == "int8" and out["scale"] > 0
     assert int8.size_bytes < fp32.size_bytes / 2
     assert int8.precision == "int8 (PT2E static, per-channel)"
-    outs = _outputs(backend, rt, int8.path, evals)
-    assert outs.dtype == np.float32 and cosine(outs, ref) > 0.99  # dequantized, not raw int8 codes
+    outs = built.outputs(int8.path)
+    assert outs.dtype == np.float32 and cosine(outs, built.reference) > 0.99  # dequantized, not raw int8 codes
 
 
 def test_xnnpack_off_and_threads_give_the_same_answers(built):
-    backend, rt, _, int8, evals, _ = built
-    a = _outputs(backend, rt, int8.path, list(evals)[:5])
-    b = _outputs(backend, rt.model_copy(update={"xnnpack": False, "threads": 2}), int8.path, list(evals)[:5])
+    path, first = built.optimized.path, built.evals[:5]
+    a = built.outputs(path, samples=first)
+    b = built.outputs(path, built.runtime.model_copy(update={"xnnpack": False, "threads": 2}), first)
     assert cosine(a, b) > 0.99
 
 
 def test_unlowerable_op_names_the_op(built, tmp_path):
-    backend, *_ = built
+    backend = built.backend
 
     class Svd(torch.nn.Module):
         def forward(self, x):

@@ -7,64 +7,43 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from edgekit.backends import get_backend
 from edgekit.cli import main
-from edgekit.data import load_calibration, load_evaluation
 from edgekit.errors import TargetError
-from edgekit.model import example_inputs, load_model, reference_outputs
-from edgekit.profiles import load_profile
-from edgekit.recipe import InputSpec, load_recipe
+from edgekit.recipe import InputSpec
 from edgekit.verify import cosine
-from tests.conftest import DATA, EXAMPLE, recipe_text
+from tests.conftest import EXAMPLE, Built, build_target
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ov")
-    (d / "edgekit.toml").write_text(recipe_text(f"{EXAMPLE}/model.py:build", f"{DATA}/calib.npz", f"{DATA}/eval.npz",
-                                                extra="max_calibration_samples = 32\nmax_evaluation_samples = 30"))
-    r = load_recipe(d / "edgekit.toml")
-    prof = load_profile("openvino-x86")
-    backend = get_backend(prof.backend)
-    ex, qo, rt = backend.options(prof)
-    model = load_model(r)
-    calib, evals = load_calibration(r), load_evaluation(r)
-    fp32 = backend.export_fp32(model, example_inputs(r.model.inputs, calib.sample(0)), r.model.inputs, d, ex)
-    int8 = backend.quantize(fp32, calib, d, qo)
-    return backend, rt, fp32, int8, evals, reference_outputs(model, r.model.inputs, evals), model
-
-
-def _outputs(backend, rt, path, evals):
-    runner = backend.load(path, rt)
-    return np.stack([runner.run(s)[0].reshape(-1) for s in evals])
+def built(tmp_path_factory) -> Built:
+    return build_target("openvino-x86", tmp_path_factory.mktemp("ov"), 32, 30)
 
 
 def test_fp32_ir_has_recipe_names_static_shapes_and_fp32_weights(built):
-    backend, rt, fp32, _, evals, ref, model = built
-    ir = ov.Core().read_model(str(fp32.path))
+    ir = ov.Core().read_model(str(built.fp32.path))
     assert [(p.get_any_name(), p.get_partial_shape().to_shape()) for p in ir.inputs] == [
         ("image", [1, 3, 32, 32]), ("input_ids", [1, 32]), ("attention_mask", [1, 32])]
     weights = [op for op in ir.get_ops() if op.get_type_name() == "Constant" and op.get_data().size > 1000]
     assert weights and {str(op.get_element_type()) for op in weights} == {"<Type: 'float32'>"}  # not fp16
-    assert sum(op.get_data().size for op in weights) > 0.95 * sum(p.numel() for p in model.parameters())
+    assert sum(op.get_data().size for op in weights) > 0.95 * sum(p.numel() for p in built.model.parameters())
     # compiled with INFERENCE_PRECISION_HINT=f32 the IR reproduces torch (bf16 would not, on bf16 CPUs)
-    np.testing.assert_allclose(_outputs(backend, rt, fp32.path, evals), ref, atol=1e-4)
+    np.testing.assert_allclose(built.outputs(built.fp32.path), built.reference, atol=1e-4)
 
 
 def test_int8_ir_is_quantized_and_faithful_at_every_thread_count(built):
-    backend, rt, fp32, int8, evals, ref, _ = built
+    fp32, int8, ref = built.fp32, built.optimized, built.reference
     assert int8.details["fake_quantize_nodes"] > 10
     assert int8.precision == "int8 (NNCF performance, transformer)"
     assert int8.size_bytes < fp32.size_bytes / 2
-    one = _outputs(backend, rt, int8.path, evals)
-    two = _outputs(backend, rt.model_copy(update={"threads": 2}), int8.path, evals)
+    one = built.outputs(int8.path)
+    two = built.outputs(int8.path, built.runtime.model_copy(update={"threads": 2}))
     assert cosine(one, ref) > 0.97 and cosine(two, ref) > 0.97
 
 
 def test_conversion_failure_names_the_op(built, tmp_path):
     import torch
 
-    backend, *_ = built
+    backend = built.backend
 
     class Histogram(torch.nn.Module):
         def forward(self, x):

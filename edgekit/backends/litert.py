@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import keyword
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
