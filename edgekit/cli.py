@@ -151,7 +151,7 @@ def _bench(args) -> int:
         stats, _ = measure(lambda: backend.load(path, runtime), feeds, warmup=args.warmup, runs=args.runs)
     except TargetError as e:
         raise InputError(str(e)) from None
-    stats.update(artifact=str(path), size_bytes=path.stat().st_size, device=host_device(),
+    stats.update(artifact=str(path), size_bytes=sum(f.stat().st_size for f in backend.files(path)), device=host_device(),
                  threads=getattr(runtime, "threads", None), target=prof.name)
     if args.json:
         print(json.dumps(stats, indent=2))

@@ -62,6 +62,12 @@ def test_bench_reads_back_an_artifact(demo):
     assert p.returncode == 0, p.stderr
     stats = json.loads(p.stdout)
     assert stats["latency_ms"]["n"] == 20 and stats["device"].startswith("host-")
+    ir = out / "artifacts/openvino-x86/model_int8.xml"
+    p = edgekit("bench", ir, "--runs", 5, "--json")
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout)
+    assert stats["target"] == "openvino-x86"  # chosen by file type
+    assert stats["size_bytes"] == ir.stat().st_size + ir.with_suffix(".bin").stat().st_size
 
 
 def test_ci_exits_1_on_a_tight_gate(demo, tmp_path):

@@ -68,6 +68,10 @@ class Backend(ABC):
     QuantizeOptions: ClassVar[type[Options]] = Options
     RuntimeOptions: ClassVar[type[Options]] = Options
 
+    def files(self, path: Path) -> list[Path]:
+        """The files an artifact consists of (itself and its sidecars, e.g. OpenVINO's .bin)."""
+        return [path]
+
     def validate_options(self, profile) -> None:
         for table, schema in (("export", self.ExportOptions), ("quantize", self.QuantizeOptions),
                               ("runtime", self.RuntimeOptions)):

@@ -60,6 +60,9 @@ class OpenVinoBackend(Backend):
     QuantizeOptions = QuantizeOptions
     RuntimeOptions = RuntimeOptions
 
+    def files(self, path: Path) -> list[Path]:
+        return [path, path.with_suffix(".bin")]
+
     def export_fp32(self, model, args, inputs, out: Path, opts: ExportOptions) -> Artifact:
         import torch
 
@@ -83,7 +86,7 @@ class OpenVinoBackend(Backend):
             port.get_tensor().set_names({spec.name})
         path = out / "model_fp32.xml"
         ov.save_model(ir, str(path), compress_to_fp16=opts.compress_to_fp16)
-        return Artifact(path=path, files=[path, path.with_suffix(".bin")],
+        return Artifact(path=path, files=self.files(path),
                         precision="fp32 (fp16-compressed weights)" if opts.compress_to_fp16 else "fp32",
                         details={"compress_to_fp16": opts.compress_to_fp16})
 
@@ -115,7 +118,7 @@ class OpenVinoBackend(Backend):
         ov.save_model(q, str(path), compress_to_fp16=False)
         desc = f"int8 (NNCF {opts.preset}" + (", transformer" if opts.model_type else "") + \
                (f", SmoothQuant {opts.smooth_quant_alpha}" if opts.smooth_quant_alpha is not None else "") + ")"
-        return Artifact(path=path, files=[path, path.with_suffix(".bin")], precision=desc, details={
+        return Artifact(path=path, files=self.files(path), precision=desc, details={
             "preset": opts.preset, "model_type": opts.model_type, "subset_size": kwargs["subset_size"],
             "smooth_quant_alpha": opts.smooth_quant_alpha, "ignored_scope": scope.model_dump(),
             "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())})
