@@ -10,13 +10,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned: 2.13.0 is the CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[all,test]'
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[all,test,demo]'
 	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/edgekit run examples/tiny_multimodal --out runs/demo
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/edgekit run examples/mnist_bbc --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

