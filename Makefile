@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.edgekit-installed
 
 .PHONY: install demo test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned: 2.13.0 is the CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[all,test,demo]'
+	# constraints.txt: the versions CI last passed with; without it pip's resolver backtracks past its
+	# depth limit on the [demo] extra's dependency graph ("resolution-too-deep").
+	$(BIN)/python -m pip install -q torch==2.13.0 -e '.[all,test,demo]' -c constraints.txt
 	touch $@
 
 install: $(STAMP)
