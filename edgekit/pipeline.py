@@ -134,10 +134,11 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir)},
                         work / "build", log)
         row["timings"] = built["timings"]
-        for kind in ("fp32", "optimized"):
-            art = built.get(kind)
-            if art is None:
-                continue
+        # fp32 and optimized are the row's two sides; "extras" (e.g. an fp16 variant, or the unpruned
+        # int8 artifact a pruned one is compared with) are verified and timed the same way.
+        kinds = [(k, built[k]) for k in ("fp32", "optimized") if built.get(k)]
+        kinds += sorted(built.get("extras", {}).items())
+        for kind, art in kinds:
             say(f"[{prof.name}] verify + benchmark {kind} ({art['precision']})")
             res = _worker("measure", {
                 "backend": prof.backend, "artifact": art["path"], "runtime": runtime.model_dump(),
@@ -146,7 +147,8 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
                 "warmup": prof.bench.warmup, "runs": prof.bench.runs, "bench": unmeasurable is None,
                 "outputs": str(work / f"{kind}_outputs.npy")}, work / f"measure_{kind}", log)
             outputs = np.load(work / f"{kind}_outputs.npy")
-            row[kind] = {
+            side = row if kind in ("fp32", "optimized") else row.setdefault("extras", {})
+            side[kind] = {
                 "artifact": _rel(art["path"], staging), "files": [_rel(f, staging) for f in art["files"]],
                 "size_bytes": sum(Path(f).stat().st_size for f in art["files"]),
                 "precision": art["precision"], "details": art["details"],

@@ -82,8 +82,8 @@ def markdown(doc: dict) -> str:
         out.append(f"### {r['name']} ({r['backend']}, {r['device']}, {r['threads']} thread(s))")
         if r["reason"]:
             out += ["", "```", r["reason"], "```"]
-        for kind in ("fp32", "optimized"):
-            a = r.get(kind)
+        sides = [(k, r.get(k)) for k in ("fp32", "optimized")] + sorted((r.get("extras") or {}).items())
+        for kind, a in sides:
             if not a:
                 continue
             lat = a["latency_ms"]

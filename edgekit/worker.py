@@ -24,6 +24,11 @@ def _artifact_json(a) -> dict:
             "details": a.details}
 
 
+def add_extra(result: dict, name: str, artifact) -> None:
+    """Record one more artifact of this target (besides fp32 and optimized) to verify and time."""
+    result.setdefault("extras", {})[name] = _artifact_json(artifact)
+
+
 def build(job: dict) -> dict:
     from edgekit.backends import get_backend
     from edgekit.data import load_calibration
