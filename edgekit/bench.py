@@ -65,7 +65,7 @@ def measure(load: Callable[[], object], samples, *, warmup: int, runs: int,
     if callable(samples):
         samples = samples(runner)
     outs = [np.asarray(runner.run(s)[0]).reshape(-1) for s in bar(samples, len(samples), "verify")]
-    stats: dict = {"load_ms": round(load_ms, 2)}
+    stats: dict = {"load_ms": round(load_ms, 2), "runtime_device": getattr(runner, "device", None)}
     if bench:
         stats["latency_ms"] = latency_stats(time_calls(lambda: runner.run(samples[0]), warmup, runs))
     stats["peak_rss_mb"] = peak_rss_mb()

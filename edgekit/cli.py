@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--targets", nargs="+", metavar="TARGET",
                        help="run these targets instead of the recipe's (names or profile paths)")
         r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
+        r.add_argument("--device", metavar="DEVICE",
+                       help="time every target there instead of its profile's device: host, "
+                            "ssh:[user@]host[:port] (a Linux board with python3 + numpy + onnxruntime; "
+                            "ssh keys/agent/config, never a password prompt) or adb:SERIAL")
 
     b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml, .tflite) on this machine",
                        description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
@@ -77,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--target", help="profile whose runtime settings to use (default: the first whose backend "
                                     "runs this file type, e.g. ort-cpu for .onnx, openvino-x86 for .xml)")
     b.add_argument("--threads", type=int, help="override the profile's thread count")
+    b.add_argument("--device", metavar="ssh:[USER@]HOST[:PORT]",
+                   help="time it on a Linux board over ssh instead of here (.onnx only)")
+    b.add_argument("--remote-python", metavar="CMD",
+                   help="Python on that board, with numpy + onnxruntime (default: the profile's, python3)")
     b.add_argument("--runs", type=int, default=100)
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -104,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     from edgekit import gates, pipeline, report
 
-    doc = pipeline.run(args.recipe, args.targets, args.out)
+    doc = pipeline.run(args.recipe, args.targets, args.out, args.device)
     out = Path(args.out) if args.out else Path("runs") / doc["model"]["name"]
     print()
     print(report.table(doc))
@@ -130,7 +138,7 @@ def _bench(args) -> int:
 
     from edgekit.backends import get_backend
     from edgekit.bench import host_device, measure
-    from edgekit.profiles import load_profile
+    from edgekit.profiles import load_profile, with_device
 
     path = Path(args.artifact)
     if not path.is_file():
@@ -147,11 +155,16 @@ def _bench(args) -> int:
             feeds = [{k: z[k][:1] for k in z.files if k != "labels"}]
     else:
         feeds = lambda runner: [runner.synthetic_feed()]  # noqa: E731
+    device = host_device()
     try:
-        stats, _ = measure(lambda: backend.load(path, runtime), feeds, warmup=args.warmup, runs=args.runs)
+        if args.device:
+            device = with_device(prof, args.device).device
+            stats = _bench_remote(args, path, prof, backend, runtime, feeds)
+        else:
+            stats, _ = measure(lambda: backend.load(path, runtime), feeds, warmup=args.warmup, runs=args.runs)
     except TargetError as e:
         raise InputError(str(e)) from None
-    stats.update(artifact=str(path), size_bytes=sum(f.stat().st_size for f in backend.files(path)), device=host_device(),
+    stats.update(artifact=str(path), size_bytes=sum(f.stat().st_size for f in backend.files(path)), device=device,
                  threads=getattr(runtime, "threads", None), target=prof.name)
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -159,18 +172,31 @@ def _bench(args) -> int:
         lat = stats["latency_ms"]
         print(f"{path} on {stats['device']} ({prof.name}, {stats['threads']} thread(s)): p50 {lat['p50']:.3f} ms, "
               f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, mean {lat['mean']:.3f} (n={lat['n']}); "
-              f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb']:.0f} MB; "
+              f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb'] or 0:.0f} MB; "
               f"size {stats['size_bytes'] / 1e6:.2f} MB")
     return EXIT_OK
 
 
+def _bench_remote(args, path: Path, prof, backend, runtime, feeds) -> dict:
+    from edgekit import remote
+
+    if callable(feeds):  # no --data: synthesize the feed from the artifact's signature, here
+        feeds = feeds(backend.load(path, runtime))
+    return remote.benchmark(args.device, [str(f) for f in backend.files(path)], feeds[0],
+                            providers=list(runtime.providers), threads=runtime.threads, warmup=args.warmup,
+                            runs=args.runs, python=args.remote_python or prof.remote_python)
+
+
 def _profile_for(path: Path):
     from edgekit.backends import get_backend
+    from edgekit.devices import unmeasurable_reason
     from edgekit.profiles import available, load_profile
 
-    for name in available():
+    for name in available():  # the first profile that can time this file type on this machine
         prof = load_profile(name)
-        if get_backend(prof.backend).suffix == path.suffix and prof.device == "host":
+        backend = get_backend(prof.backend)
+        if (backend.suffix == path.suffix and prof.device == "host" and not unmeasurable_reason("host", prof.arch)
+                and not backend.unmeasurable_reason(backend.options(prof)[2])):
             return prof
     raise InputError(f"artifact {path}: no target profile runs {path.suffix or 'extension-less'} files here")
 

@@ -24,7 +24,7 @@ from edgekit import __version__, devices, gates, report
 from edgekit.bench import host_device, machine
 from edgekit.errors import InputError, TargetError
 from edgekit.progress import bar, say, step
-from edgekit.profiles import Profile, load_profile
+from edgekit.profiles import Profile, load_profile, with_device
 from edgekit.recipe import Recipe, load_recipe
 from edgekit.verify import fidelity, score
 
@@ -38,10 +38,13 @@ class Prepared:
     out: Path
 
 
-def prepare(recipe_path: str | Path, targets: Optional[Sequence[str]], out: Optional[str | Path]) -> Prepared:
+def prepare(recipe_path: str | Path, targets: Optional[Sequence[str]], out: Optional[str | Path],
+            device: Optional[str] = None) -> Prepared:
     recipe = load_recipe(recipe_path)
     names = list(targets) if targets else recipe.targets
     profiles = [load_profile(n, recipe.root) for n in names]
+    if device:
+        profiles = [with_device(p, device) for p in profiles]
     out_dir = Path(out) if out else Path("runs") / recipe.name
     check_output_dir(out_dir)
     return Prepared(recipe, profiles, out_dir.resolve())
@@ -63,13 +66,13 @@ def check_output_dir(out: Path) -> None:
 
 
 def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
-        out: Optional[str | Path] = None) -> dict:
+        out: Optional[str | Path] = None, device: Optional[str] = None) -> dict:
     """Run the whole pipeline; return the report (also written to ``<out>/report.json``)."""
     from edgekit.data import check_disjoint, load_calibration, load_evaluation
     from edgekit.model import check_forward, configure_torch, count_macs, count_params, example_inputs, \
         load_model, reference_outputs
 
-    prep = prepare(recipe_path, targets, out)
+    prep = prepare(recipe_path, targets, out, device)
     configure_torch()
     recipe = prep.recipe
     calib = load_calibration(recipe)
@@ -120,7 +123,9 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
 
     backend = get_backend(prof.backend)
     _, _, runtime = backend.options(prof)
-    unmeasurable = devices.unmeasurable_reason(prof.device) or backend.unmeasurable_reason(runtime)
+    remote = prof.device.startswith("ssh:")  # verified here, timed there
+    unmeasurable = devices.unmeasurable_reason(prof.device, prof.arch) or (
+        None if remote else backend.unmeasurable_reason(runtime))
     row: dict = {"name": prof.name, "backend": prof.backend, "description": prof.description,
                  "device": devices.label(prof.device),
                  "status": "ok", "reason": None, "threads": getattr(runtime, "threads", None),
@@ -144,9 +149,14 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
                 "backend": prof.backend, "artifact": art["path"], "runtime": runtime.model_dump(),
                 "eval": str(recipe.resolve(recipe.data.evaluation)),
                 "inputs": [i.name for i in recipe.model.inputs], "limit": len(reference),
-                "warmup": prof.bench.warmup, "runs": prof.bench.runs, "bench": unmeasurable is None,
+                "warmup": prof.bench.warmup, "runs": prof.bench.runs, "bench": unmeasurable is None and not remote,
                 "outputs": str(work / f"{kind}_outputs.npy")}, work / f"measure_{kind}", log)
             outputs = np.load(work / f"{kind}_outputs.npy")
+            verified_on = _on(host_device(), res.get("runtime_device"))
+            if remote and unmeasurable is None:
+                say(f"[{prof.name}] benchmark {kind} on {prof.device}")
+                res = _time_remotely(prof, runtime, art["files"], recipe)
+                row["device_info"] = res.pop("machine")
             side = row if kind in ("fp32", "optimized") else row.setdefault("extras", {})
             side[kind] = {
                 "artifact": _rel(art["path"], staging), "files": [_rel(f, staging) for f in art["files"]],
@@ -156,7 +166,8 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
                 "fidelity": fidelity(outputs, reference),
                 "latency_ms": res.get("latency_ms"), "latency_reason": unmeasurable,
                 "load_ms": res["load_ms"], "peak_rss_mb": res["peak_rss_mb"],
-                "verified_on": host_device(),
+                "verified_on": verified_on,
+                "measured_on": None if unmeasurable else _on(row["device"], res.get("runtime_device")),
             }
         if built.get("optimized_error"):
             raise TargetError(built["optimized_error"])
@@ -172,6 +183,19 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return row
+
+
+def _on(device: str, runtime_device: Optional[str]) -> str:
+    return f"{device} ({runtime_device})" if runtime_device else device
+
+
+def _time_remotely(prof: Profile, runtime, files: list[str], recipe: Recipe) -> dict:
+    from edgekit import remote
+
+    with np.load(recipe.resolve(recipe.data.evaluation), allow_pickle=False) as z:
+        feed = {i.name: z[i.name][:1] for i in recipe.model.inputs}
+    return remote.benchmark(prof.device, files, feed, providers=list(runtime.providers), threads=runtime.threads,
+                            warmup=prof.bench.warmup, runs=prof.bench.runs, python=prof.remote_python)
 
 
 def _worker(kind: str, job: dict, stem: Path, log: Path) -> dict:

@@ -29,8 +29,15 @@ class Profile(BaseModel):
     name: str
     backend: str
     description: str = ""
-    device: str = Field(default="host", pattern=r"^(host|adb:.+)$")
-    """Where latency is measured: ``host`` (this machine) or ``adb:SERIAL`` (an Android phone)."""
+    device: str = Field(default="host", pattern=r"^(host|adb:.+|ssh:.+)$")
+    """Where latency is measured: ``host`` (this machine), ``ssh:[user@]host`` (a Linux board reached
+    over ssh; key from ssh-agent / ~/.ssh/config) or ``adb:SERIAL`` (an Android phone)."""
+    arch: Optional[str] = None
+    """The CPU architecture this target's latency stands for (``aarch64``, ``x86_64``). On a host of
+    another architecture latency is not measured (host numbers are never passed off as ARM numbers)."""
+    remote_python: str = "python3"
+    """The command that runs Python on an ``ssh:`` device (``python3``, ``/opt/venv/bin/python``, ...);
+    that Python needs numpy and the runtime (onnxruntime)."""
     export: dict[str, Any] = {}
     quantize: dict[str, Any] = {}
     runtime: dict[str, Any] = {}
@@ -82,4 +89,23 @@ def load_profile(name_or_path: str, base: Optional[Path] = None) -> Profile:
     from edgekit.backends import get_backend
 
     get_backend(prof.backend).validate_options(prof)  # raises InputError naming the profile
+    _check_device(prof, f"target profile {path}")
     return prof
+
+
+def with_device(prof: Profile, device: str) -> Profile:
+    """The profile with its device replaced (``edgekit run --device``)."""
+    try:
+        new = Profile(**{**prof.model_dump(), "device": device}, path=prof.path)
+    except ValidationError:
+        raise InputError(f"--device {device!r}: expected host, ssh:[user@]host[:port] or adb:SERIAL") from None
+    _check_device(new, f"--device {device} for target {prof.name}")
+    return new
+
+
+def _check_device(prof: Profile, where: str) -> None:
+    from edgekit.remote import BACKENDS
+
+    if prof.device.startswith("ssh:") and prof.backend not in BACKENDS:
+        raise InputError(f"{where}: ssh devices run {', '.join(BACKENDS)} artifacts; backend {prof.backend!r} "
+                         f"is timed on the host or over adb")

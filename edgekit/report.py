@@ -48,8 +48,9 @@ def table(doc: dict) -> str:
         status = "✅ ok" if r["status"] == "ok" else f"❌ {r['status']}"
         speed = f"**{r['speedup_p50']:.2f}×**" if r["speedup_p50"] else "—"
         drop = "—" if r["metric_drop"] is None else f"{r['metric_drop']:+.4f}"
+        measured = any((r.get(k) or {}).get("latency_ms") for k in ("fp32", "optimized"))
         lines.append(
-            f"| {r['name']} | {status} | {r['device']} | {_ms(fp)} → {_ms(op)} | {speed} | "
+            f"| {r['name']} | {status} | {r['device'] if measured else '—'} | {_ms(fp)} → {_ms(op)} | {speed} | "
             f"{_mb(fp.get('size_bytes'))} → {_mb(op.get('size_bytes'))} | "
             f"{_metric(fp.get('metric'))} → {_metric(op.get('metric'))} | {drop} | {op.get('precision', '—')} |")
     return "\n".join(lines)
@@ -90,8 +91,15 @@ def markdown(doc: dict) -> str:
             lat_s = (f"p50 {lat['p50']:.3f} / p90 {lat['p90']:.3f} / p99 {lat['p99']:.3f} ms (n={lat['n']})"
                      if lat else a["latency_reason"] or "not measured")
             f = a["fidelity"]
-            out.append(f"- **{kind}** `{a['artifact']}` ({a['precision']}): {_mb(a['size_bytes'])}, {lat_s}, "
-                       f"load {a['load_ms']:.0f} ms, peak RSS {a['peak_rss_mb']:.0f} MB; fidelity to fp32 "
-                       f"torch: cosine {f['cosine']:.4f}, top-1 agreement {f['top1_agreement']:.1%}")
+            timed = f" on {a['measured_on']}" if a.get("measured_on") else ""
+            rss = "" if a["peak_rss_mb"] is None else f", peak RSS {a['peak_rss_mb']:.0f} MB"
+            out.append(f"- **{kind}** `{a['artifact']}` ({a['precision']}): {_mb(a['size_bytes'])}, {lat_s}{timed}, "
+                       f"load {a['load_ms']:.0f} ms{rss}; fidelity to fp32 torch (verified on "
+                       f"{a.get('verified_on', '?')}): cosine {f['cosine']:.4f}, top-1 agreement "
+                       f"{f['top1_agreement']:.1%}")
+        if r.get("device_info"):
+            d = r["device_info"]
+            out.append(f"- device {r['device']}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
+                       f"python {d['python']}")
         out.append("")
     return "\n".join(out)

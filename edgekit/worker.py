@@ -59,6 +59,8 @@ def build(job: dict) -> dict:
         result["optimized"] = _artifact_json(opt)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result["optimized_error"] = str(e)
+    for name, art in backend.variants(fp32, out, quant_opts).items():
+        add_extra(result, name, art)
     return result
 
 

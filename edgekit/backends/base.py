@@ -105,6 +105,11 @@ class Backend(ABC):
         """Why latency cannot be measured on this machine (e.g. no GPU), or None if it can."""
         return None
 
+    def variants(self, fp32: Artifact, out: Path, opts: Options) -> dict[str, Artifact]:
+        """Extra artifacts a profile asks for besides the quantized one (e.g. an fp16 model for a GPU);
+        verified and timed like the others."""
+        return {}
+
     @abstractmethod
     def export_fp32(self, model, args: tuple, inputs, out: Path, opts: Options) -> Artifact: ...
 

@@ -36,6 +36,8 @@ class QuantizeOptions(Options):
     """7-bit weights, so U8S8 products cannot saturate the int16 accumulators of x86 kernels without VNNI
     (ORT's docs). 'auto': on when the host CPU has no VNNI (see `edgekit doctor`)."""
     symmetric_activations: bool = False
+    symmetric_weights: Optional[bool] = None
+    """None = ORT's default for the weight type. The TensorRT EP wants both symmetric (zero point 0)."""
     calibrate_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
     """ONNX op types to quantize; None = every op ORT can quantize."""
@@ -43,6 +45,9 @@ class QuantizeOptions(Options):
     skip_symbolic_shape: bool = False
     """quant_pre_process's symbolic shape inference crashes on some BERT graphs; edgekit retries
     with it skipped automatically, this forces it."""
+    variants: list[Literal["fp16"]] = []
+    """Extra artifacts built from the fp32 model besides the int8 one: "fp16" (float16 weights and
+    compute, float32 I/O) for the CUDA EP."""
 
 
 class RuntimeOptions(Options):
@@ -109,7 +114,9 @@ class OnnxRuntimeBackend(Backend):
                 weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
                 nodes_to_exclude=opts.nodes_to_exclude,
                 calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
-                extra_options={"ActivationSymmetric": opts.symmetric_activations},
+                extra_options={"ActivationSymmetric": opts.symmetric_activations,
+                               **({} if opts.symmetric_weights is None
+                                  else {"WeightSymmetric": opts.symmetric_weights})},
             )
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {first_lines(e)}") from None
@@ -120,12 +127,29 @@ class OnnxRuntimeBackend(Backend):
         pair = _SHORT[a] + _SHORT[w]  # e.g. U8S8: uint8 activations, int8 weights
         precision = (f"int8 ({opts.format.upper()}, {pair}, "
                      f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method}"
+                     f"{', symmetric' if opts.symmetric_activations and opts.symmetric_weights else ''}"
                      f"{', reduce-range' if reduce_range else ''})")
         return Artifact(path=path, precision=precision, details={
             "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
-            "reduce_range": reduce_range,
+            "reduce_range": reduce_range, "symmetric_activations": opts.symmetric_activations,
+            "symmetric_weights": opts.symmetric_weights,
             "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
             "calibration_samples": len(calibration), "inputs": names})
+
+    def variants(self, fp32: Artifact, out: Path, opts: QuantizeOptions) -> dict[str, Artifact]:
+        if "fp16" not in opts.variants:
+            return {}
+        onnx = self.require("onnx")
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        path = out / "model_fp16.onnx"
+        try:
+            # keep_io_types: callers keep feeding float32 / reading float32, as with the other artifacts
+            onnx.save(convert_float_to_float16(onnx.load(str(fp32.path)), keep_io_types=True), str(path))
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"fp16 conversion (onnxruntime.transformers.float16) failed: {first_lines(e)}") from None
+        return {"fp16": Artifact(path=path, precision="fp16 (weights and compute; float32 I/O)",
+                                 details={"keep_io_types": True})}
 
     def load(self, path: Path, runtime: RuntimeOptions):
         ort = self.require("onnxruntime")
@@ -150,9 +174,13 @@ class OnnxRuntimeBackend(Backend):
             import onnxruntime as ort
         except ImportError:
             return None  # load() reports the missing package
-        want = runtime.providers[0]
-        if want not in ort.get_available_providers():
-            return f"not measured: no {want} on this machine"
+        have = ort.get_available_providers()
+        accel = [p for p in runtime.providers if p != "CPUExecutionProvider"]
+        if accel and not any(p in have for p in accel):
+            # Never time on the CPU EP what the profile means to run on a GPU / NPU.
+            what = ("CUDA execution provider" if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(accel)
+                    else " / ".join(accel))
+            return f"not measured: no {what} ({', '.join(accel)} not in this onnxruntime, which has {', '.join(have)})"
         return None
 
 
@@ -161,6 +189,7 @@ class _OrtRunner:
         self.sess = sess
         self.inputs = {i.name: i for i in sess.get_inputs()}
         self.providers = sess.get_providers()
+        self.device = self.providers[0]  # the EP that runs it (verification and timing say which)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sess.run(None, {k: v for k, v in feeds.items() if k in self.inputs})
