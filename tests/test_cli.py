@@ -93,6 +93,7 @@ def test_bench_corrupt_artifact(tmp_path, capsys):
 def test_doctor_and_targets():
     out = subprocess.run([sys.executable, "-m", "edgekit", "doctor"], capture_output=True, text=True, check=True).stdout
     assert "onnxruntime" in out and "CPUExecutionProvider" in out and "ort-cpu" in out
+    assert "no CUDA provider" in out and "edgekit[onnxruntime-gpu]" in out  # this machine has no GPU
     out = subprocess.run([sys.executable, "-m", "edgekit", "targets"], capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["openvino-x86", "ort-cpu", "tflite-mobile"]
+    assert names == ["openvino-x86", "ort-arm", "ort-cpu", "ort-gpu", "tflite-mobile"]
