@@ -87,6 +87,7 @@ class OnnxRuntimeBackend(Backend):
             say(f"  quant_pre_process: symbolic shape inference failed ({first_lines(e)}); retrying without it")
             quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
 
+        excluded, bad = _guard_calibration(pre, calibration, opts)
         names = list(calibration.arrays)
         reduce_range = (not has_vnni()) if opts.reduce_range == "auto" else opts.reduce_range
 
@@ -107,7 +108,7 @@ class OnnxRuntimeBackend(Backend):
                 reduce_range=reduce_range,
                 activation_type=getattr(q.QuantType, _QTYPES[opts.activation_type]),
                 weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
-                nodes_to_exclude=opts.nodes_to_exclude,
+                nodes_to_exclude=sorted(set(opts.nodes_to_exclude) | set(excluded)),
                 calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
                 extra_options={"ActivationSymmetric": opts.symmetric_activations},
             )
@@ -125,7 +126,14 @@ class OnnxRuntimeBackend(Backend):
             "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
             "reduce_range": reduce_range,
             "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
-            "calibration_samples": len(calibration), "inputs": names})
+            "calibration_samples": len(calibration), "inputs": names,
+            "nodes_to_exclude": opts.nodes_to_exclude, "nonfinite_tensors": bad,
+            "excluded_nonfinite_nodes": excluded})
+
+    def search_candidates(self, fp32: Artifact, opts: QuantizeOptions, ctx):
+        from edgekit.backends import ort_search
+
+        return ort_search.candidates(fp32, opts, ctx)
 
     def load(self, path: Path, runtime: RuntimeOptions):
         ort = self.require("onnxruntime")
@@ -170,6 +178,23 @@ class _OrtRunner:
         return {name: synthetic_array([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
                                       _ORT_DTYPES.get(i.type, "float32"), rng)
                 for name, i in self.inputs.items()}
+
+
+def _guard_calibration(pre: Path, calibration, opts: QuantizeOptions) -> tuple[list[str], list[str]]:
+    """Exclude the nodes around tensors with non-finite (or float-min sentinel) values: their
+    calibration range would be non-finite or absurd. Returns (excluded nodes, offending tensors)."""
+    from edgekit.backends import ort_search
+
+    try:
+        bad = ort_search.nonfinite_tensors(pre, calibration)
+    except Exception as e:  # noqa: BLE001 - the guard must never be what breaks quantization
+        say(f"  WARNING: calibration guard could not run ({type(e).__name__}: {first_lines(e, 1)}); skipped")
+        return [], []
+    nodes = ort_search.nodes_touching(pre, bad, opts.op_types) if bad else []
+    if nodes:
+        say(f"  WARNING: calibration guard: non-finite or |x|>=1e30 values in {len(bad)} tensor(s) "
+            f"({', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}); kept in float: {', '.join(nodes)}")
+    return nodes, bad
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",

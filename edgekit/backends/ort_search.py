@@ -1,0 +1,127 @@
+"""ONNX Runtime's side of the accuracy-aware quantization search and calibration guard.
+
+- ``nonfinite_tensors``: run the fp32 graph on a few calibration samples with every float tensor as an
+  output; tensors holding inf/NaN (a ``-inf`` attention mask) or a float-min sentinel (|x| >= 1e30,
+  what HF masks use) would give a non-finite or absurd calibration range. The nodes that read or write
+  them are excluded from quantization (``nodes_to_exclude``).
+- ``candidates``: the search ladder, least fallback first: quantize ``Clip`` (ReLU6) too so it is fused
+  with its conv (it restored EfficientNet-Lite0 on the real demo), then per-tensor sensitivity from ORT's
+  own ``qdq_loss_debug`` (SQNR of each activation before vs after its QuantizeLinear/DequantizeLinear
+  pair, on calibration inputs), and the nodes around the 1, 2, 4, 8, ... worst tensors kept in float.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgekit.progress import say
+
+SENTINEL = 1e30
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def nonfinite_tensors(model_path: Path, calibration, samples: int = 2) -> list[str]:
+    """Float tensors of the graph that hold inf/NaN or |x| >= 1e30 on the first calibration samples."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    have = {o.name for o in model.graph.output}
+    produced = {o for n in model.graph.node for o in n.output}
+    for vi in model.graph.value_info:
+        if vi.type.tensor_type.elem_type == _FLOAT and vi.name in produced and vi.name not in have:
+            model.graph.output.append(vi)
+    with tempfile.TemporaryDirectory() as tmp:
+        aug = Path(tmp) / "all_outputs.onnx"
+        onnx.save(model, str(aug))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(aug), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        inputs = {i.name for i in sess.get_inputs()}
+        bad: set[str] = set()
+        for i in range(min(samples, len(calibration))):
+            feeds = {k: v for k, v in calibration.sample(i).items() if k in inputs}
+            for name, value in zip(names, sess.run(None, feeds)):
+                v = np.asarray(value)
+                if v.dtype.kind == "f" and v.size and not (np.isfinite(v).all() and np.abs(v).max() < SENTINEL):
+                    bad.add(name)
+    return sorted(bad)
+
+
+def nodes_touching(model_path: Path, tensors: list[str], op_types) -> list[str]:
+    """Names of the nodes (of the quantized op types, or any if None) that read or write ``tensors``."""
+    import onnx
+
+    tset = set(tensors)
+    model = onnx.load(str(model_path), load_external_data=False)
+    # In a QDQ graph a quantized node reads X through QuantizeLinear -> DequantizeLinear.
+    q_out = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in tset}
+    tset |= {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_out}
+    return sorted({n.name for n in model.graph.node
+                   if (op_types is None or n.op_type in op_types) and n.name
+                   and tset.intersection(list(n.input) + list(n.output))})
+
+
+def activation_sensitivity(qdq_path: Path, calibration, samples: int = 8) -> list[tuple[str, float]]:
+    """ORT's qdq_loss_debug: SQNR (dB) of each quantized activation, pre vs post its Q/DQ pair, on
+    calibration inputs; worst first."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, \
+        compute_signal_to_quantization_noice_ratio, create_activation_matching, \
+        modify_model_output_intermediate_tensors
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([calibration.sample(i) for i in range(min(samples, len(calibration)))])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        aug = Path(tmp) / "debug.onnx"
+        modify_model_output_intermediate_tensors(str(qdq_path), str(aug))
+        acts = collect_activations(str(aug), Reader())
+    ranked = []
+    for name, match in create_activation_matching(acts).items():
+        if match.get("pre_qdq") and match.get("post_qdq"):
+            ranked.append((name, float(compute_signal_to_quantization_noice_ratio(match["pre_qdq"],
+                                                                                  match["post_qdq"]))))
+    ranked = [(n, -math.inf if not math.isfinite(s) else s) for n, s in ranked]
+    return sorted(ranked, key=lambda t: t[1])
+
+
+def candidates(fp32, opts, ctx) -> Iterator:
+    from edgekit.quantize_search import Candidate
+
+    op_types = opts.op_types
+    base = opts
+    if op_types is not None and "Clip" not in op_types:
+        base = opts.model_copy(update={"op_types": list(op_types) + ["Clip"]})
+        yield Candidate("quantize Clip (ReLU6) too, fused with its conv", base)
+    # Sensitivity on the best artifact so far (lowest drop if none is within budget).
+    best = ctx.best
+    base = best.candidate.opts or base
+    say(f"[{ctx.target}] quantize search: qdq_loss_debug activation SQNR on "
+        f"{min(8, len(ctx.calibration))} calibration samples")
+    ranked = activation_sensitivity(Path(best.artifact.path), ctx.calibration)
+    if not ranked:
+        return
+    say(f"[{ctx.target}] quantize search: worst tensors (SQNR dB): "
+        + ", ".join(f"{n} {s:.1f}" for n, s in ranked[:5]))
+    k, done = 1, 0
+    while done < len(ranked):
+        worst = [n for n, _ in ranked[:k]]
+        nodes = nodes_touching(Path(best.artifact.path), worst, base.op_types)
+        extra = [n for n in nodes if n not in base.nodes_to_exclude]
+        if extra:
+            kept = sorted(set(base.nodes_to_exclude) | set(extra))
+            yield Candidate(f"float fallback: nodes around the {len(worst)} lowest-SQNR tensors "
+                            f"({len(kept)} nodes)", base.model_copy(update={"nodes_to_exclude": kept}),
+                            kept_float=kept)
+        done, k = k, k * 2
