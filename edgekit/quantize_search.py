@@ -173,6 +173,10 @@ def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate], tag: st
             cand = next(gen)
         except StopIteration:
             return "no more candidates"
+        except Exception as e:  # noqa: BLE001 - a broken sensitivity pass ends the search, keeps the best
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            say(f"{tag}: the candidate generator failed ({msg})")
+            return f"sensitivity pass failed ({msg})"
         i = len(ctx.history)
         say(f"{tag} step {i}: {cand.label} ({left:.0f} s of budget left)")
         folder = out / "search" / f"step{i}"

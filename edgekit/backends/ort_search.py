@@ -5,9 +5,10 @@
   what HF masks use) would give a non-finite or absurd calibration range. The nodes that read or write
   them are excluded from quantization (``nodes_to_exclude``).
 - ``candidates``: the search ladder, least fallback first: quantize ``Clip`` (ReLU6) too so it is fused
-  with its conv (it restored EfficientNet-Lite0 on the real demo), then per-tensor sensitivity from ORT's
-  own ``qdq_loss_debug`` (SQNR of each activation before vs after its QuantizeLinear/DequantizeLinear
-  pair, on calibration inputs), and the nodes around the 1, 2, 4, 8, ... worst tensors kept in float.
+  with its conv (it restored EfficientNet-Lite0's image tower in the DESIGN probe), then per-node
+  sensitivity from ORT's own ``qdq_loss_debug`` (each quantized activation before vs after its Q/DQ
+  pair on calibration inputs, ``channel_sqnr``), and the quantized nodes reading or writing the 1, 2,
+  4, 8, ... worst activations kept in float.
 """
 from __future__ import annotations
 
@@ -68,12 +69,31 @@ def nodes_touching(model_path: Path, tensors: list[str], op_types) -> list[str]:
                    and tset.intersection(list(n.input) + list(n.output))})
 
 
+def channel_sqnr(pre: list, post: list) -> float:
+    """SQNR (dB) of a quantized activation, per channel, median over channels; channels along axis 1
+    (NCHW) and along the last axis (tokens x features), the worse of the two. Per channel, because an
+    outlier channel that eats a per-tensor scale leaves the tensor's total SQNR high while every other
+    channel is rounded to zero."""
+    x = np.concatenate([np.asarray(a, np.float64).reshape(-1, *np.shape(a)[1:]) for a in pre])
+    y = np.concatenate([np.asarray(b, np.float64).reshape(-1, *np.shape(b)[1:]) for b in post])
+    if x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return -math.inf
+    worst = math.inf
+    for axis in sorted({1 % x.ndim, x.ndim - 1}):
+        other = tuple(i for i in range(x.ndim) if i != axis)
+        sig = (x ** 2).sum(axis=other) if other else x ** 2
+        noise = ((x - y) ** 2).sum(axis=other) if other else (x - y) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            db = np.where(noise > 0, 10 * np.log10(np.maximum(sig, 1e-30) / np.maximum(noise, 1e-30)), 200.0)
+        worst = min(worst, float(np.median(db)))
+    return worst
+
+
 def activation_sensitivity(qdq_path: Path, calibration, samples: int = 8) -> list[tuple[str, float]]:
-    """ORT's qdq_loss_debug: SQNR (dB) of each quantized activation, pre vs post its Q/DQ pair, on
-    calibration inputs; worst first."""
+    """ORT's qdq_loss_debug: every quantized activation before and after its QuantizeLinear /
+    DequantizeLinear pair on calibration inputs; ``channel_sqnr`` of each, worst first."""
     from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, \
-        compute_signal_to_quantization_noice_ratio, create_activation_matching, \
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, create_activation_matching, \
         modify_model_output_intermediate_tensors
 
     class Reader(CalibrationDataReader):
@@ -87,12 +107,8 @@ def activation_sensitivity(qdq_path: Path, calibration, samples: int = 8) -> lis
         aug = Path(tmp) / "debug.onnx"
         modify_model_output_intermediate_tensors(str(qdq_path), str(aug))
         acts = collect_activations(str(aug), Reader())
-    ranked = []
-    for name, match in create_activation_matching(acts).items():
-        if match.get("pre_qdq") and match.get("post_qdq"):
-            ranked.append((name, float(compute_signal_to_quantization_noice_ratio(match["pre_qdq"],
-                                                                                  match["post_qdq"]))))
-    ranked = [(n, -math.inf if not math.isfinite(s) else s) for n, s in ranked]
+    ranked = [(name, channel_sqnr(m["pre_qdq"], m["post_qdq"]))
+              for name, m in create_activation_matching(acts).items() if m.get("pre_qdq") and m.get("post_qdq")]
     return sorted(ranked, key=lambda t: t[1])
 
 
@@ -101,27 +117,34 @@ def candidates(fp32, opts, ctx) -> Iterator:
 
     op_types = opts.op_types
     base = opts
-    if op_types is not None and "Clip" not in op_types:
+    import onnx
+
+    has_clip = any(n.op_type == "Clip" for n in onnx.load(str(fp32.path), load_external_data=False).graph.node)
+    if op_types is not None and "Clip" not in op_types and has_clip:
         base = opts.model_copy(update={"op_types": list(op_types) + ["Clip"]})
         yield Candidate("quantize Clip (ReLU6) too, fused with its conv", base)
-    # Sensitivity on the best artifact so far (lowest drop if none is within budget).
-    best = ctx.best
-    base = best.candidate.opts or base
-    say(f"[{ctx.target}] quantize search: qdq_loss_debug activation SQNR on "
-        f"{min(8, len(ctx.calibration))} calibration samples")
-    ranked = activation_sensitivity(Path(best.artifact.path), ctx.calibration)
-    if not ranked:
-        return
-    say(f"[{ctx.target}] quantize search: worst tensors (SQNR dB): "
-        + ", ".join(f"{n} {s:.1f}" for n, s in ranked[:5]))
-    k, done = 1, 0
-    while done < len(ranked):
-        worst = [n for n, _ in ranked[:k]]
-        nodes = nodes_touching(Path(best.artifact.path), worst, base.op_types)
-        extra = [n for n in nodes if n not in base.nodes_to_exclude]
-        if extra:
-            kept = sorted(set(base.nodes_to_exclude) | set(extra))
-            yield Candidate(f"float fallback: nodes around the {len(worst)} lowest-SQNR tensors "
-                            f"({len(kept)} nodes)", base.model_copy(update={"nodes_to_exclude": kept}),
-                            kept_float=kept)
-        done, k = k, k * 2
+    # Greedy and re-measured: rank the activations of the latest artifact (the best one at first), keep
+    # in float the nodes around its k worst, k = 1, 2, 4, ...; re-ranking after each step matters, as
+    # damage hides downstream damage (a tensor already rounded to zero quantizes "exactly").
+    art = ctx.best.artifact
+    base = ctx.best.candidate.opts or base
+    kept = set(base.nodes_to_exclude)
+    k = 1
+    while True:
+        qdq = Path(art.path)
+        say(f"[{ctx.target}] quantize search: qdq_loss_debug per-channel SQNR of each quantized activation "
+            f"on {min(8, len(ctx.calibration))} calibration samples")
+        ranked = activation_sensitivity(qdq, ctx.calibration)
+        fresh = [(n, nodes) for n, _ in ranked
+                 for nodes in [set(nodes_touching(qdq, [n], base.op_types)) - kept] if nodes]
+        if not fresh:
+            return
+        say(f"[{ctx.target}] quantize search: worst activations (median per-channel SQNR, dB): "
+            + ", ".join(f"{n} {v:.1f}" for n, v in ranked[:5]))
+        for _, nodes in fresh[:k]:
+            kept |= nodes
+        yield Candidate(f"float fallback: the quantized nodes around the {min(k, len(fresh))} worst "
+                        f"activations ({len(kept)} nodes in all)",
+                        base.model_copy(update={"nodes_to_exclude": sorted(kept)}), kept_float=sorted(kept))
+        art = ctx.history[-1].artifact
+        k *= 2
