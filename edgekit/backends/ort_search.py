@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from edgekit.progress import say
+from edgekit.quantize_search import channel_sqnr
 
 SENTINEL = 1e30
 _FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -67,26 +68,6 @@ def nodes_touching(model_path: Path, tensors: list[str], op_types) -> list[str]:
     return sorted({n.name for n in model.graph.node
                    if (op_types is None or n.op_type in op_types) and n.name
                    and tset.intersection(list(n.input) + list(n.output))})
-
-
-def channel_sqnr(pre: list, post: list) -> float:
-    """SQNR (dB) of a quantized activation, per channel, median over channels; channels along axis 1
-    (NCHW) and along the last axis (tokens x features), the worse of the two. Per channel, because an
-    outlier channel that eats a per-tensor scale leaves the tensor's total SQNR high while every other
-    channel is rounded to zero."""
-    x = np.concatenate([np.asarray(a, np.float64).reshape(-1, *np.shape(a)[1:]) for a in pre])
-    y = np.concatenate([np.asarray(b, np.float64).reshape(-1, *np.shape(b)[1:]) for b in post])
-    if x.shape != y.shape or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return -math.inf
-    worst = math.inf
-    for axis in sorted({1 % x.ndim, x.ndim - 1}):
-        other = tuple(i for i in range(x.ndim) if i != axis)
-        sig = (x ** 2).sum(axis=other) if other else x ** 2
-        noise = ((x - y) ** 2).sum(axis=other) if other else (x - y) ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            db = np.where(noise > 0, 10 * np.log10(np.maximum(sig, 1e-30) / np.maximum(noise, 1e-30)), 200.0)
-        worst = min(worst, float(np.median(db)))
-    return worst
 
 
 def activation_sensitivity(qdq_path: Path, calibration, samples: int = 8) -> list[tuple[str, float]]:
