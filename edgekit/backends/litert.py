@@ -34,7 +34,9 @@ class QuantizeOptions(Options):
     """Annotate conv -> hardtanh (ReLU6) like conv -> relu: one observer after the clip. Off by default
     (the vendor behaviour); the accuracy search turns it on first (README, accuracy-aware quantization)."""
     float_modules: list[str] = []
-    """Module names (e.g. ``inner.image.net._blocks.3``) left in float; the search fills it."""
+    """Modules left in float: ``inner.image.net._blocks.3`` = the ops directly in that module (what the
+    accuracy search ranks and fills in), ``inner.image.*`` = a whole subtree. ``inner.`` is edgekit's
+    wrapper around the recipe's model."""
 
 
 class RuntimeOptions(Options):

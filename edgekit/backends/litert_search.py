@@ -5,8 +5,8 @@
   EfficientNet-Lite0's image agreement 35 % -> 70 % at no latency cost, shared/DESIGN.md), and per-module
   float fallback (nodes whose ``nn_module_stack`` lies under a listed module are left unannotated, the
   PT2E way to keep a module in float; litert-torch's own ``set_module_name`` refuses ``None``).
-- ``sensitivity``: on the converted (reference-quantized) torch graph, SQNR of every activation before vs
-  after its quantize/dequantize pair on calibration inputs, per module; worst first.
+- ``sensitivity``: on the converted (reference-quantized) torch graph, the median per-channel SQNR of
+  every activation before vs after its quantize/dequantize pair on calibration inputs, per module.
 - ``candidates``: the ladder: hardtanh fusion, then the 1, 2, 4, ... worst modules kept in float.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _module_of(node) -> str | None:
 
 
 def _under(fqn: str | None, modules: list[str]) -> bool:
-    return fqn is not None and any(fqn == m or fqn.startswith(m + ".") for m in modules)
+    """``name``: ops whose innermost module is exactly ``name``; ``name.*``: that module's whole subtree."""
+    return fqn is not None and any(fqn == m or (m.endswith(".*") and (fqn == m[:-2] or fqn.startswith(m[:-1])))
+                                   for m in modules)
 
 
 def make_quantizer(per_channel: bool, fuse_conv_hardtanh: bool, float_modules: list[str]):
@@ -81,38 +83,41 @@ def _annotate_conv_hardtanh(gm, config, U, torch) -> None:
         U._mark_nodes_as_annotated(partition)
 
 
-def sensitivity(converted, calibration, names: list[str], samples: int = 4) -> list[tuple[str, float]]:
-    """Per module: the lowest SQNR (dB) of an activation across its quantize/dequantize pair."""
+def sensitivity(converted, calibration, samples: int = 4) -> list[tuple[str, float]]:
+    """Per module: the worst median per-channel SQNR (dB, ``quantize_search.channel_sqnr``) of an
+    activation across its quantize/dequantize pair in the converted PT2E graph, averaged over samples."""
     import torch
     from torch.fx import Interpreter
 
-    sums: dict[str, list[float]] = {}
+    from edgekit.quantize_search import channel_sqnr
+
+    per_sample: list[dict[str, float]] = []
 
     class Probe(Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n.op == "call_function" and "dequantize" in str(n.target) and n.args \
-                    and hasattr(n.args[0], "op") and "quantize" in str(n.args[0].target) \
-                    and "dequantize" not in str(n.args[0].target):
-                src = n.args[0].args[0]
+            q = n.args[0] if n.args else None
+            if n.op == "call_function" and "dequantize" in str(n.target) and hasattr(q, "op") \
+                    and "quantize" in str(q.target) and "dequantize" not in str(q.target):
+                src = q.args[0]
                 if hasattr(src, "op") and src.op != "get_attr" and src in self.env:
-                    x, y = self.env[src], out
-                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.shape == y.shape:
+                    x = self.env[src]
+                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.shape == out.shape:
                         mod = _module_of(src) or next((_module_of(u) for u in n.users if _module_of(u)), None)
                         if mod:
-                            noise = float(((x - y).double() ** 2).sum())
-                            sig = float((x.double() ** 2).sum())
-                            s = sums.setdefault(mod, [0.0, 0.0])
-                            s[0] += sig
-                            s[1] += noise
+                            db = channel_sqnr([x.detach().numpy()], [out.detach().numpy()])
+                            cur[mod] = min(cur.get(mod, math.inf), db)
             return out
 
     with torch.no_grad():
         for i in range(min(samples, len(calibration))):
+            cur: dict[str, float] = {}
             sample = calibration.sample(i)
-            Probe(converted).run(*[torch.from_numpy(v) for v in sample.values()])
-    ranked = [(m, 10 * math.log10(s / n) if n > 0 and s > 0 else (math.inf if n == 0 else -math.inf))
-              for m, (s, n) in sums.items()]
+            # keep every value: a quantize node is often the last user of its input
+            Probe(converted, garbage_collect_values=False).run(*[torch.from_numpy(v) for v in sample.values()])
+            per_sample.append(cur)
+    mods = set().union(*per_sample) if per_sample else set()
+    ranked = [(m, float(np.mean([d[m] for d in per_sample if m in d]))) for m in mods]
     return sorted(ranked, key=lambda t: t[1])
 
 
@@ -130,13 +135,12 @@ def candidates(backend, fp32, opts, ctx) -> Iterator:
         return
     say(f"[{ctx.target}] quantize search: PT2E activation SQNR per module on "
         f"{min(4, len(ctx.calibration))} calibration samples")
-    ranked = [(m, s) for m, s in sensitivity(converted, ctx.calibration, list(backend._kwargs))
-              if np.isfinite(s) or s < 0]
+    ranked = [(m, v) for m, v in sensitivity(converted, ctx.calibration) if np.isfinite(v) or v < 0]
     backend._converted.clear()
     if not ranked:
         return
     say(f"[{ctx.target}] quantize search: worst modules (SQNR dB): "
-        + ", ".join(f"{m} {s:.1f}" for m, s in ranked[:5]))
+        + ", ".join(f"{m} {v:.1f}" for m, v in ranked[:5]))
     k = 1
     while True:
         mods = sorted(set(base.float_modules) | {m for m, _ in ranked[:k]})

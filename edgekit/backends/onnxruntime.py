@@ -40,6 +40,9 @@ class QuantizeOptions(Options):
     op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
     """ONNX op types to quantize; None = every op ORT can quantize."""
     nodes_to_exclude: list[str] = []
+    calibration_cache: Optional[str] = None
+    """A JSON file of calibration ranges (ORT's ``calibration_cache_path``): written on the first run,
+    reused after. The accuracy search sets it so candidates that only exclude nodes skip calibration."""
     skip_symbolic_shape: bool = False
     """quant_pre_process's symbolic shape inference crashes on some BERT graphs; edgekit retries
     with it skipped automatically, this forces it."""
@@ -111,6 +114,7 @@ class OnnxRuntimeBackend(Backend):
                 nodes_to_exclude=sorted(set(opts.nodes_to_exclude) | set(excluded)),
                 calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
                 extra_options={"ActivationSymmetric": opts.symmetric_activations},
+                **({"calibration_cache_path": opts.calibration_cache} if opts.calibration_cache else {}),
             )
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {first_lines(e)}") from None

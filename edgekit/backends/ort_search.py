@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -109,6 +110,18 @@ def candidates(fp32, opts, ctx) -> Iterator:
     # damage hides downstream damage (a tensor already rounded to zero quantizes "exactly").
     art = ctx.best.artifact
     base = ctx.best.candidate.opts or base
+    # Excluding nodes needs no new ranges: calibrate once (ORT's calibration cache), reuse it after.
+    cache_dir = tempfile.mkdtemp(prefix="edgekit-ort-calib-")
+    base = base.model_copy(update={"calibration_cache": str(Path(cache_dir) / "ranges.json")})
+    try:
+        yield from _ladder(ctx, art, base)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _ladder(ctx, art, base) -> Iterator:
+    from edgekit.quantize_search import Candidate
+
     kept = set(base.nodes_to_exclude)
     k = 1
     while True:
