@@ -72,6 +72,7 @@ def candidates(fp32, opts, ctx) -> Iterator:
             return
         say(f"[{ctx.target}] quantize search: worst activations (median per-channel SQNR, dB): "
             + ", ".join(f"{'/'.join(c)[:60]} {v:.1f}" for c, v in fresh[:5]))
+        k = max(k, sum(1 for _, v in fresh if v < 10.0))  # every broken activation at once (see ort_search)
         for c, _ in fresh[:k]:
             kept |= set(c)
         scope = base.ignored_scope.model_copy(update={"names": sorted(kept), "validate_names": False})

@@ -24,6 +24,7 @@ from edgekit.progress import say
 from edgekit.quantize_search import channel_sqnr
 
 SENTINEL = 1e30
+BROKEN_DB = 10.0  # median per-channel SQNR below this: most channels are noise after quantization
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
@@ -135,6 +136,9 @@ def _ladder(ctx, art, base) -> Iterator:
             return
         say(f"[{ctx.target}] quantize search: worst activations (median per-channel SQNR, dB): "
             + ", ".join(f"{n} {v:.1f}" for n, v in ranked[:5]))
+        # Every broken activation (median channel rounded to nothing, < BROKEN_DB) goes in one step:
+        # on EfficientNet-Lite0 dozens of ReLU6 outputs are at 0 dB, one-by-one would never finish.
+        k = max(k, sum(1 for n, v in ranked if v < BROKEN_DB and any(n == f for f, _ in fresh)))
         for _, nodes in fresh[:k]:
             kept |= nodes
         yield Candidate(f"float fallback: the quantized nodes around the {min(k, len(fresh))} worst "
