@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import InputError, TargetError
-from edgekit.progress import step
+from edgekit.progress import say, step
 
 
 def _artifact_json(a) -> dict:
@@ -57,9 +57,14 @@ def build(job: dict) -> dict:
             opt = backend.quantize(fp32, calib, out, quant_opts)
         result["timings"]["quantize_s"] = s["seconds"]
         if job.get("search"):
-            opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, fp32, opt,
-                                                     quant_opts, calib, out)
-            result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
+            try:
+                opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, fp32, opt,
+                                                         quant_opts, calib, out)
+                result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
+            except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
+                say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
+                    f"keeping the profile's quantization")
+                result["quantize_search_error"] = f"{type(e).__name__}: {e}"
         result["optimized"] = _artifact_json(opt)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result["optimized_error"] = str(e)
