@@ -125,7 +125,8 @@ class OnnxRuntimeBackend(Backend):
         pair = _SHORT[a] + _SHORT[w]  # e.g. U8S8: uint8 activations, int8 weights
         precision = (f"int8 ({opts.format.upper()}, {pair}, "
                      f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method}"
-                     f"{', reduce-range' if reduce_range else ''})")
+                     f"{', reduce-range' if reduce_range else ''}"
+                     f"{f', {len(set(opts.nodes_to_exclude) | set(excluded))} nodes float' if opts.nodes_to_exclude or excluded else ''})")
         return Artifact(path=path, precision=precision, details={
             "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
             "reduce_range": reduce_range,
