@@ -136,9 +136,12 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     work.mkdir(parents=True, exist_ok=True)
     log = staging / "logs" / f"{prof.name}.log"
     try:
-        built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir)},
+        built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir),
+                                  "search": _search_job(prof, recipe, work, reference)},
                         work / "build", log)
         row["timings"] = built["timings"]
+        if built.get("quantize_search"):
+            row["quantize_search"] = built["quantize_search"]
         # fp32 and optimized are the row's two sides; "extras" (e.g. an fp16 variant, or the unpruned
         # int8 artifact a pruned one is compared with) are verified and timed the same way.
         kinds = [(k, built[k]) for k in ("fp32", "optimized") if built.get(k)]
@@ -176,6 +179,7 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         row["size_ratio"] = round(op["size_bytes"] / fp["size_bytes"], 4)
         if fp["latency_ms"] and op["latency_ms"]:
             row["speedup_p50"] = round(fp["latency_ms"]["p50"] / op["latency_ms"]["p50"], 3)
+        _search_verdict(row)
         say(f"[{prof.name}] ok: {report.summary_line(row)}")
     except TargetError as e:
         row["status"], row["reason"] = "failed", str(e)
@@ -196,6 +200,30 @@ def _time_remotely(prof: Profile, runtime, files: list[str], recipe: Recipe) -> 
         feed = {i.name: z[i.name][:1] for i in recipe.model.inputs}
     return remote.benchmark(prof.device, files, feed, providers=list(runtime.providers), threads=runtime.threads,
                             warmup=prof.bench.warmup, runs=prof.bench.runs, python=prof.remote_python)
+
+
+def _search_verdict(row: dict) -> None:
+    """A search that found no artifact within the accuracy budget fails the target, with the best
+    artifact's figures as measured by the measure worker (full evaluation set)."""
+    qs = row.get("quantize_search")
+    if not qs or qs["status"] == "ok":
+        return
+    lat = (row["optimized"]["latency_ms"] or {}).get("p50", qs["after"]["latency_ms"])
+    raise TargetError(f"accuracy budget not met (best drop {row['metric_drop']:.4f} at {lat:.2f} ms; "
+                      f"max_metric_drop {qs['max_metric_drop']:g}; {len(qs['steps']) - 1} search steps in "
+                      f"{qs['search_s']:.0f} s, stopped: {qs['stopped']})")
+
+
+def _search_job(prof: Profile, recipe: Recipe, work: Path, reference: np.ndarray) -> Optional[dict]:
+    """The build job's accuracy-aware quantization settings (edgekit.quantize_search), or None: on by
+    default where the target has a max_metric_drop gate, off with ``[quantize] search = false``."""
+    max_drop = recipe.gates.for_target(prof.name).max_metric_drop
+    q = recipe.quantize
+    if q.search is False or max_drop is None:
+        return None
+    np.save(work / "reference.npy", reference)
+    return {"reference": str(work / "reference.npy"), "max_drop": max_drop, "time_budget_s": q.time_budget_s,
+            "eval_samples": q.eval_samples, "max_steps": q.max_steps}
 
 
 def _worker(kind: str, job: dict, stem: Path, log: Path) -> dict:

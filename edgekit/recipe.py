@@ -21,6 +21,9 @@ against the recipe's folder. Example::
     [gates]
     max_metric_drop = 0.01
     min_speedup = 1.5
+
+    [quantize]                         # optional: the accuracy-aware search (QuantizeSpec)
+    time_budget_s = 300
 """
 from __future__ import annotations
 
@@ -100,11 +103,32 @@ class Gates(GateSpec):
         return GateSpec(**base)
 
 
+DEFAULT_SEARCH_BUDGET_S = 600.0
+
+
+class QuantizeSpec(_Strict):
+    """``[quantize]``: the accuracy-aware search run after a target's first quantization (README,
+    "Accuracy-aware quantization"). When the first int8 artifact drops the metric by more than the
+    target's ``max_metric_drop``, edgekit finds the sensitive layers with the toolchain's own means and
+    falls them back step by step (better calibration, then float), re-measuring each step."""
+
+    search: Optional[bool] = None
+    """None (default): search only where the target has a max_metric_drop gate; False: never."""
+    time_budget_s: float = Field(default=DEFAULT_SEARCH_BUDGET_S, gt=0)
+    """Wall-clock budget per target for the search (not counting the first quantization); a step is
+    started only if the time left covers the mean cost of the steps so far."""
+    eval_samples: int = Field(default=200, ge=1)
+    """Evaluation samples each candidate is scored on (the first N of the evaluation set); the final
+    artifact is then verified on the whole set by the measure step."""
+    max_steps: int = Field(default=12, ge=1)
+
+
 class Recipe(_Strict):
     targets: list[str] = Field(min_length=1)
     model: ModelSpec
     data: DataSpec
     gates: Gates = Gates()
+    quantize: QuantizeSpec = QuantizeSpec()
 
     # Filled in by load_recipe, not by the user.
     path: Path = Field(default=Path("edgekit.toml"), exclude=True)

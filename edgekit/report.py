@@ -101,5 +101,26 @@ def markdown(doc: dict) -> str:
             d = r["device_info"]
             out.append(f"- device {r['device']}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
                        f"python {d['python']}")
+        out += search_md(r.get("quantize_search"))
         out.append("")
     return "\n".join(out)
+
+
+def search_md(qs: dict | None) -> list[str]:
+    """The accuracy-aware quantization search of one target (edgekit.quantize_search)."""
+    if not qs:
+        return []
+    n_steps = len(qs["steps"]) - 1
+    b, a = qs["before"], qs["after"]
+    out = [f"- **quantize search** ({qs['status']}; {qs['metric']} drop budget {qs['max_metric_drop']:g}, scored on "
+           f"the first {qs['eval_samples']} evaluation samples, in-process latency estimates): {n_steps} step(s) in "
+           f"{qs['search_s']:.0f} s of {qs['time_budget_s']:g} s, stopped: {qs['stopped']}. Drop {b['drop']:+.4f} → "
+           f"{a['drop']:+.4f}, latency ~{b['latency_ms']:.2f} → {a['latency_ms']:.2f} ms "
+           f"({qs['latency_cost_ms']:+.2f} ms). Kept in float: "
+           + (", ".join(f"`{n}`" for n in qs["kept_float"][:20]) + (f" … ({len(qs['kept_float'])} in all)"
+              if len(qs["kept_float"]) > 20 else "") if qs["kept_float"] else "nothing")]
+    for i, st in enumerate(qs["steps"]):
+        mark = " ← chosen" if i == qs["chosen"] else ""
+        out.append(f"  - step {i}: {st['step']}: drop {st['drop']:+.4f}, ~{st['latency_ms']:.2f} ms, "
+                   f"{len(st['kept_float'])} kept in float{mark}")
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import InputError, TargetError
-from edgekit.progress import step
+from edgekit.progress import say, step
 
 
 def _artifact_json(a) -> dict:
@@ -56,12 +56,39 @@ def build(job: dict) -> dict:
         with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
             opt = backend.quantize(fp32, calib, out, quant_opts)
         result["timings"]["quantize_s"] = s["seconds"]
+        if job.get("search"):
+            try:
+                opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, fp32, opt,
+                                                         quant_opts, calib, out)
+                result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
+            except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
+                say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
+                    f"keeping the profile's quantization")
+                result["quantize_search_error"] = f"{type(e).__name__}: {e}"
         result["optimized"] = _artifact_json(opt)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result["optimized_error"] = str(e)
     for name, art in backend.variants(fp32, out, quant_opts).items():
         add_extra(result, name, art)
     return result
+
+
+def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, out: Path):
+    """Accuracy-aware quantization (edgekit.quantize_search): score ``opt``, search if it misses."""
+    from edgekit.data import load_evaluation
+    from edgekit.quantize_search import SearchContext, search
+
+    evals = load_evaluation(recipe)
+    n = min(spec["eval_samples"], len(evals))
+    reference = np.load(spec["reference"])[:n]
+    labels = None if evals.labels is None else evals.labels[:n]
+    _, _, runtime = backend.options(profile)
+    ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
+                        samples=[evals.sample(i) for i in range(n)], reference=reference, labels=labels,
+                        metric=recipe.data.metric, max_drop=spec["max_drop"],
+                        time_budget_s=spec["time_budget_s"], max_steps=spec["max_steps"])
+    return search(ctx, fp32, opt, quant_opts, out,
+                  lambda c: backend.search_candidates(fp32, quant_opts, c))
 
 
 def measure(job: dict) -> dict:

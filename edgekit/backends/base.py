@@ -11,7 +11,7 @@ import importlib.metadata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Protocol, Sequence
+from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -109,6 +109,13 @@ class Backend(ABC):
         """Extra artifacts a profile asks for besides the quantized one (e.g. an fp16 model for a GPU);
         verified and timed like the others."""
         return {}
+
+    def search_candidates(self, fp32: Artifact, opts: Options, ctx) -> Iterator:
+        """Accuracy-aware quantization (``edgekit.quantize_search``): yield ``Candidate``s one at a time,
+        least fallback first, after the profile's quantization (``opts``) missed the accuracy budget.
+        ``ctx`` (a ``SearchContext``) holds the calibration set, the scoring subset, the history of
+        scored steps and the time left. The default: no search means for this toolchain."""
+        return iter(())
 
     @abstractmethod
     def export_fp32(self, model, args: tuple, inputs, out: Path, opts: Options) -> Artifact: ...

@@ -30,6 +30,13 @@ class QuantizeOptions(Options):
     """int8: full-integer static PT2E with calibration; fp16: fp16 weights, float compute and I/O."""
     per_channel: bool = True
     """Per-output-channel int8 weight scales (TFLite's int8 spec for conv/FC); False = per-tensor."""
+    fuse_conv_hardtanh: bool = False
+    """Annotate conv -> hardtanh (ReLU6) like conv -> relu: one observer after the clip. Off by default
+    (the vendor behaviour); the accuracy search turns it on first (README, accuracy-aware quantization)."""
+    float_modules: list[str] = []
+    """Modules left in float: ``inner.image.net._blocks.3`` = the ops directly in that module (what the
+    accuracy search ranks and fills in), ``inner.image.*`` = a whole subtree. ``inner.`` is edgekit's
+    wrapper around the recipe's model."""
 
 
 class RuntimeOptions(Options):
@@ -50,6 +57,9 @@ class LiteRtBackend(Backend):
     # The torch model and sample are kept from export_fp32 for quantize (both run in one build worker).
     _model = None
     _kwargs: dict = {}
+
+    def __init__(self):
+        self._converted: dict = {}  # artifact path -> converted PT2E graph (accuracy search)
 
     def export_fp32(self, model, args, inputs, out: Path, opts: ExportOptions) -> Artifact:
         litert_torch = self.require("litert_torch")
@@ -79,12 +89,12 @@ class LiteRtBackend(Backend):
             return Artifact(path=path, precision="fp16 weights (float compute)",
                             details={"io": io_details(path)})
 
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
 
+        from edgekit.backends.litert_search import make_quantizer
+
         prepare_pt2e, convert_pt2e = _pt2e()
-        quantizer = PT2EQuantizer().set_global(
-            get_symmetric_quantization_config(is_per_channel=opts.per_channel, is_dynamic=False))
+        quantizer = make_quantizer(opts.per_channel, opts.fuse_conv_hardtanh, opts.float_modules)
         names = list(self._kwargs)
         try:
             gm = prepare_pt2e(torch.export.export(self._model, (), self._kwargs).module(), quantizer)
@@ -92,13 +102,22 @@ class LiteRtBackend(Backend):
                 for sample in bar(calibration, len(calibration), "calibrate"):
                     gm(**{n: torch.from_numpy(v) for n, v in zip(names, sample.values())})
             gm = convert_pt2e(gm, fold_quantize=False)
+            self._converted[str(path)] = gm  # for the accuracy search's sensitivity pass
             litert_torch.convert(gm, sample_kwargs=self._kwargs,
                                  quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"litert PT2E int8 failed: {type(e).__name__}: {first_lines(e)}") from None
-        return Artifact(path=path, precision=f"int8 (PT2E static, {'per-channel' if opts.per_channel else 'per-tensor'})",
+        return Artifact(path=path, precision=f"int8 (PT2E static, {'per-channel' if opts.per_channel else 'per-tensor'}"
+                        + (", conv+ReLU6 fused" if opts.fuse_conv_hardtanh else "")
+                        + (f", {len(opts.float_modules)} modules float" if opts.float_modules else "") + ")",
                         details={"per_channel": opts.per_channel, "calibration_samples": len(calibration),
+                                 "fuse_conv_hardtanh": opts.fuse_conv_hardtanh, "float_modules": opts.float_modules,
                                  "io": io_details(path)})
+
+    def search_candidates(self, fp32: Artifact, opts: QuantizeOptions, ctx):
+        from edgekit.backends import litert_search
+
+        return litert_search.candidates(self, fp32, opts, ctx) if opts.precision == "int8" else iter(())
 
     def load(self, path: Path, runtime: RuntimeOptions):
         self.require("ai_edge_litert")

@@ -42,6 +42,9 @@ class QuantizeOptions(Options):
     op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
     """ONNX op types to quantize; None = every op ORT can quantize."""
     nodes_to_exclude: list[str] = []
+    calibration_cache: Optional[str] = None
+    """A JSON file of calibration ranges (ORT's ``calibration_cache_path``): written on the first run,
+    reused after. The accuracy search sets it so candidates that only exclude nodes skip calibration."""
     skip_symbolic_shape: bool = False
     """quant_pre_process's symbolic shape inference crashes on some BERT graphs; edgekit retries
     with it skipped automatically, this forces it."""
@@ -92,6 +95,7 @@ class OnnxRuntimeBackend(Backend):
             say(f"  quant_pre_process: symbolic shape inference failed ({first_lines(e)}); retrying without it")
             quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
 
+        excluded, bad = _guard_calibration(pre, calibration, opts)
         names = list(calibration.arrays)
         reduce_range = (not has_vnni()) if opts.reduce_range == "auto" else opts.reduce_range
 
@@ -112,11 +116,12 @@ class OnnxRuntimeBackend(Backend):
                 reduce_range=reduce_range,
                 activation_type=getattr(q.QuantType, _QTYPES[opts.activation_type]),
                 weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
-                nodes_to_exclude=opts.nodes_to_exclude,
+                nodes_to_exclude=sorted(set(opts.nodes_to_exclude) | set(excluded)),
                 calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
                 extra_options={"ActivationSymmetric": opts.symmetric_activations,
                                **({} if opts.symmetric_weights is None
                                   else {"WeightSymmetric": opts.symmetric_weights})},
+                **({"calibration_cache_path": opts.calibration_cache} if opts.calibration_cache else {}),
             )
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {first_lines(e)}") from None
@@ -128,13 +133,21 @@ class OnnxRuntimeBackend(Backend):
         precision = (f"int8 ({opts.format.upper()}, {pair}, "
                      f"{'per-channel' if opts.per_channel else 'per-tensor'}, {opts.calibrate_method}"
                      f"{', symmetric' if opts.symmetric_activations and opts.symmetric_weights else ''}"
-                     f"{', reduce-range' if reduce_range else ''})")
+                     f"{', reduce-range' if reduce_range else ''}"
+                     f"{f', {len(set(opts.nodes_to_exclude) | set(excluded))} nodes float' if opts.nodes_to_exclude or excluded else ''})")
         return Artifact(path=path, precision=precision, details={
             "format": opts.format, "activation_type": a, "weight_type": w, "per_channel": opts.per_channel,
             "reduce_range": reduce_range, "symmetric_activations": opts.symmetric_activations,
             "symmetric_weights": opts.symmetric_weights,
             "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
-            "calibration_samples": len(calibration), "inputs": names})
+            "calibration_samples": len(calibration), "inputs": names,
+            "nodes_to_exclude": opts.nodes_to_exclude, "nonfinite_tensors": bad,
+            "excluded_nonfinite_nodes": excluded})
+
+    def search_candidates(self, fp32: Artifact, opts: QuantizeOptions, ctx):
+        from edgekit.backends import ort_search
+
+        return ort_search.candidates(fp32, opts, ctx)
 
     def variants(self, fp32: Artifact, out: Path, opts: QuantizeOptions) -> dict[str, Artifact]:
         if "fp16" not in opts.variants:
@@ -199,6 +212,23 @@ class _OrtRunner:
         return {name: synthetic_array([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
                                       _ORT_DTYPES.get(i.type, "float32"), rng)
                 for name, i in self.inputs.items()}
+
+
+def _guard_calibration(pre: Path, calibration, opts: QuantizeOptions) -> tuple[list[str], list[str]]:
+    """Exclude the nodes around tensors with non-finite (or float-min sentinel) values: their
+    calibration range would be non-finite or absurd. Returns (excluded nodes, offending tensors)."""
+    from edgekit.backends import ort_search
+
+    try:
+        bad = ort_search.nonfinite_tensors(pre, calibration)
+    except Exception as e:  # noqa: BLE001 - the guard must never be what breaks quantization
+        say(f"  WARNING: calibration guard could not run ({type(e).__name__}: {first_lines(e, 1)}); skipped")
+        return [], []
+    nodes = ort_search.nodes_touching(pre, bad, opts.op_types) if bad else []
+    if nodes:
+        say(f"  WARNING: calibration guard: non-finite or |x|>=1e30 values in {len(bad)} tensor(s) "
+            f"({', '.join(bad[:8])}{', ...' if len(bad) > 8 else ''}); kept in float: {', '.join(nodes)}")
+    return nodes, bad
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",

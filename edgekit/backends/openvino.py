@@ -29,6 +29,8 @@ class IgnoredScope(Options):
     names: list[str] = []
     types: list[str] = []
     patterns: list[str] = []
+    validate_names: bool = True
+    """NNCF checks that every name exists (typos fail the target); the accuracy search turns it off."""
 
 
 class QuantizeOptions(Options):
@@ -107,7 +109,7 @@ class OpenVinoBackend(Backend):
         scope = opts.ignored_scope
         if scope.names or scope.types or scope.patterns:
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=scope.names, types=scope.types,
-                                                        patterns=scope.patterns, validate=True)
+                                                        patterns=scope.patterns, validate=scope.validate_names)
         ir = ov.Core().read_model(str(fp32.path))
         dataset = nncf.Dataset(list(bar(calibration, len(calibration), "calibration samples")))
         try:
@@ -117,11 +119,17 @@ class OpenVinoBackend(Backend):
         path = out / "model_int8.xml"
         ov.save_model(q, str(path), compress_to_fp16=False)
         desc = f"int8 (NNCF {opts.preset}" + (", transformer" if opts.model_type else "") + \
-               (f", SmoothQuant {opts.smooth_quant_alpha}" if opts.smooth_quant_alpha is not None else "") + ")"
+               (f", SmoothQuant {opts.smooth_quant_alpha}" if opts.smooth_quant_alpha is not None else "") + \
+               (f", {len(scope.names)} ops float" if scope.names else "") + ")"
         return Artifact(path=path, files=self.files(path), precision=desc, details={
             "preset": opts.preset, "model_type": opts.model_type, "subset_size": kwargs["subset_size"],
             "smooth_quant_alpha": opts.smooth_quant_alpha, "ignored_scope": scope.model_dump(),
             "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())})
+
+    def search_candidates(self, fp32: Artifact, opts: QuantizeOptions, ctx):
+        from edgekit.backends import openvino_search
+
+        return openvino_search.candidates(fp32, opts, ctx)
 
     def load(self, path: Path, runtime: RuntimeOptions):
         ov = self.require("openvino")
