@@ -131,9 +131,15 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     work.mkdir(parents=True, exist_ok=True)
     log = staging / "logs" / f"{prof.name}.log"
     try:
-        built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir)},
-                        work / "build", log)
+        job = {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir)}
+        if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
+            np.save(work / "reference.npy", reference)
+            job["prune_eval"] = {"eval": str(recipe.resolve(recipe.data.evaluation)),
+                                 "reference": str(work / "reference.npy"), "limit": len(reference)}
+        built = _worker("build", job, work / "build", log)
         row["timings"] = built["timings"]
+        if built.get("prune"):
+            row["prune"] = built["prune"]
         # fp32 and optimized are the row's two sides; "extras" (e.g. an fp16 variant, or the unpruned
         # int8 artifact a pruned one is compared with) are verified and timed the same way.
         kinds = [(k, built[k]) for k in ("fp32", "optimized") if built.get(k)]
@@ -165,6 +171,8 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         row["size_ratio"] = round(op["size_bytes"] / fp["size_bytes"], 4)
         if fp["latency_ms"] and op["latency_ms"]:
             row["speedup_p50"] = round(fp["latency_ms"]["p50"] / op["latency_ms"]["p50"], 3)
+        if row.get("prune"):
+            report.prune_effect(row)
         say(f"[{prof.name}] ok: {report.summary_line(row)}")
     except TargetError as e:
         row["status"], row["reason"] = "failed", str(e)

@@ -48,6 +48,9 @@ def build(job: dict) -> dict:
     args = example_inputs(recipe.model.inputs, calib.sample(0))
 
     result: dict = {"timings": {}}
+    pruned = None
+    if recipe.prune is not None:  # prune a copy first: the fp32 baseline below stays the unpruned model
+        pruned = _prune(model, recipe, profile, calib, job.get("prune_eval"), result)
     with step(profile.name, "export fp32") as s:
         fp32 = backend.export_fp32(model, args, recipe.model.inputs, out, export_opts)
     result["timings"]["export_s"] = s["seconds"]
@@ -56,10 +59,37 @@ def build(job: dict) -> dict:
         with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
             opt = backend.quantize(fp32, calib, out, quant_opts)
         result["timings"]["quantize_s"] = s["seconds"]
-        result["optimized"] = _artifact_json(opt)
+        if pruned is None:
+            result["optimized"] = _artifact_json(opt)
+        else:  # optimized = pruned + quantized; the unpruned int8 artifact shows what pruning adds
+            add_extra(result, "int8_unpruned", opt)
+            with step(profile.name, f"export + quantize the pruned model") as s:
+                sub = out / "pruned"
+                sub.mkdir(exist_ok=True)
+                fp32_pruned = backend.export_fp32(pruned, args, recipe.model.inputs, sub, export_opts)
+                result["optimized"] = _artifact_json(backend.quantize(fp32_pruned, calib, sub, quant_opts))
+            result["timings"]["prune_export_quantize_s"] = s["seconds"]
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result["optimized_error"] = str(e)
     return result
+
+
+def _prune(model, recipe, profile, calib, prune_eval: dict | None, result: dict):
+    """Prune (and recover) a copy of ``model`` for this target; record the facts in ``result["prune"]``."""
+    import copy
+
+    from edgekit.prune import prune_model, torch_evaluator
+
+    evaluate = None
+    if prune_eval:
+        evaluate = torch_evaluator(recipe.model.inputs, prune_eval["eval"], np.load(prune_eval["reference"]),
+                                   recipe.data.metric, prune_eval.get("limit"))
+    with step(profile.name, "prune + recover") as s:
+        pruned, facts = prune_model(copy.deepcopy(model), recipe.model.inputs, calib, recipe.prune,
+                                    profile.prune.round_to, profile.name, evaluate)
+    result["timings"]["prune_s"] = s["seconds"]
+    result["prune"] = facts
+    return pruned
 
 
 def measure(job: dict) -> dict:

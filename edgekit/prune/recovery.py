@@ -1,0 +1,66 @@
+"""Accuracy recovery without labels: distillation from the unpruned fp32 model, then BatchNorm
+re-estimation, both on the calibration inputs only.
+
+Distillation: ``recover_steps`` Adam steps on the mean squared error between the pruned model's
+output and the teacher's (precomputed once), scaled by the teacher outputs' mean square so the
+learning rate does not depend on the output's scale. Dropout stays off (eval mode) and BatchNorm
+uses its running statistics while training; the statistics are then re-estimated over the
+calibration set (cumulative average), since pruning changed the activations they describe.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from edgekit.model import first_output
+from edgekit.progress import bar
+
+
+def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.Tensor], steps: int,
+            lr: float, desc: str) -> list[float]:
+    """Run ``steps`` distillation steps cycling over the batches; return the loss every step."""
+    if steps <= 0:
+        return []
+    model.eval()
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    scale = [t.float().pow(2).mean().clamp(min=1e-12) for t in teacher]
+    losses = []
+    cycle = itertools.cycle(range(len(batches)))
+    with torch.enable_grad():
+        for _ in bar(range(steps), steps, desc):
+            i = next(cycle)
+            out = first_output(model(*batches[i])).float()
+            loss = (out - teacher[i].float()).pow(2).mean() / scale[i]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    model.zero_grad(set_to_none=True)
+    return losses
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple]) -> int:
+    """Recompute every BatchNorm's running mean/var over the batches; return how many were updated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average over all batches
+        m.train()
+    try:
+        with torch.no_grad():
+            for args in batches:
+                model(*args)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    return len(bns)
