@@ -115,7 +115,7 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     if spec.recover_steps > 0:
         with step(prefix, f"recover: {spec.recover_steps} distillation steps + BatchNorm re-estimation") as s:
             losses = distill(model, batches, teacher, spec.recover_steps, spec.recover_lr, f"[{prefix}] distill")
-            facts["bn_reestimated"] = reestimate_batchnorm(model, batches)
+            facts["bn_reestimated"] = reestimate_batchnorm(model, batches, teacher)
             facts["distill_loss"] = [round(losses[0], 6), round(losses[-1], 6)]
             s["note"] = f"loss {losses[0]:.4g} -> {losses[-1]:.4g}"
         check("recovery")

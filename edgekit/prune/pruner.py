@@ -54,7 +54,7 @@ def rounded_heads(n: int, head_dim: int, ratio: float, round_to: int) -> int:
     if ratio <= 0:
         return n
     want = max(1, int(round(n * (1.0 - ratio))))
-    ok = [h for h in range(1, n + 1) if (h * head_dim) % round_to == 0]
+    ok = [h for h in range(1, n) if (h * head_dim) % round_to == 0]   # some head is to go: never all kept
     return min(ok, key=lambda h: (abs(h - want), -h)) if ok else want
 
 

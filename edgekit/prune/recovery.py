@@ -45,11 +45,21 @@ def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.
     return losses
 
 
-def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple]) -> int:
-    """Recompute every BatchNorm's running mean/var over the batches; return how many were updated."""
+def kd_loss(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return float(sum(((first_output(model(*b)).float() - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
+                         for b, t in zip(batches, teacher)) / max(1, len(batches)))
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.Tensor]) -> int:
+    """Recompute every BatchNorm's running mean/var over the batches; keep them only if the pruned
+    model then follows the teacher more closely (a model whose statistics never came from data, e.g.
+    untrained, is better off without). Return how many were updated (0 = kept the old ones)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
+    before = kd_loss(model, batches, teacher)
+    old = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -63,4 +73,8 @@ def reestimate_batchnorm(model: nn.Module, batches: Sequence[tuple]) -> int:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()
+    if kd_loss(model, batches, teacher) > before:
+        for m, state in zip(bns, old):
+            m.load_state_dict(state)
+        return 0
     return len(bns)
