@@ -63,7 +63,7 @@ def build(job: dict) -> dict:
             result["optimized"] = _artifact_json(opt)
         else:  # optimized = pruned + quantized; the unpruned int8 artifact shows what pruning adds
             add_extra(result, "int8_unpruned", opt)
-            with step(profile.name, f"export + quantize the pruned model") as s:
+            with step(profile.name, "export + quantize the pruned model") as s:
                 sub = out / "pruned"
                 sub.mkdir(exist_ok=True)
                 fp32_pruned = backend.export_fp32(pruned, args, recipe.model.inputs, sub, export_opts)

@@ -150,20 +150,36 @@ def test_profile_round_to(tmp_path):
         load_profile(str(tmp_path / "bad.toml"))
 
 
+def _quick_profiles(folder: Path) -> list[str]:
+    """Copies of the three implemented targets' profiles with a short benchmark (this test checks
+    the artifacts, not their speed)."""
+    from edgekit.profiles import load_profile
+
+    paths = []
+    for name in ("ort-cpu", "openvino-x86", "tflite-mobile"):
+        text = Path(load_profile(name).path).read_text()
+        text = text.split("[bench]")[0] + "[bench]\nwarmup = 1\nruns = 3\n"
+        (folder / f"{name}.toml").write_text(text)
+        paths.append(f"{name}.toml")
+    return paths
+
+
 @pytest.mark.slow
 def test_pruned_model_through_every_exporter(write_recipe, workdir):
     """`edgekit run` with [prune]: every target builds a pruned + quantized artifact (ONNX Runtime,
     OpenVINO, LiteRT), verified and timed next to the unpruned int8 one, with the facts in the report."""
     import subprocess
 
-    recipe = write_recipe(targets='["ort-cpu", "openvino-x86", "tflite-mobile"]',
-                          extra="max_calibration_samples = 16\nmax_evaluation_samples = 16\n\n"
-                                "[prune]\nratio = 0.3\nrecover_steps = 5")
+    targets = json.dumps(_quick_profiles(workdir))
+    recipe = write_recipe(targets=targets,
+                          extra="max_calibration_samples = 16\nmax_evaluation_samples = 8\n\n"
+                                "[prune]\nratio = 0.3\nrecover_steps = 3")
     out = workdir / "out"
     p = subprocess.run([PY, "-m", "edgekit", "run", str(recipe), "--out", str(out)], capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((out / "report.json").read_text())
+    assert len(doc["targets"]) == 3
     for row in doc["targets"]:
         assert row["status"] == "ok", row["reason"]
         pr = row["prune"]
@@ -172,10 +188,7 @@ def test_pruned_model_through_every_exporter(write_recipe, workdir):
         assert row["extras"]["int8_unpruned"]["metric"] is not None
         assert pr["metric_after_quantize"] == row["optimized"]["metric"]
         assert {"metric_after_prune", "metric_after_recovery", "speedup_vs_int8_unpruned"} <= set(pr)
-        assert all(w.get("width_after", w["after"]) % row_round(row) == 0 for w in pr["widths"])
+        step = {"ort-cpu": 16, "openvino-x86": 16, "tflite-mobile": 8}[row["name"]]
+        assert all(w.get("width_after", w["after"]) % step == 0 for w in pr["widths"])
     md = (out / "report.md").read_text()
     assert md.count("**pruning**") == 3 and "pruning's latency effect" in md
-
-
-def row_round(row: dict) -> int:
-    return {"ort-cpu": 16, "openvino-x86": 16, "tflite-mobile": 8}[row["name"]]

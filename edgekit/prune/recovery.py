@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgekit.model import first_output
-from edgekit.progress import bar
+from edgekit.progress import bar, say
 
 
 def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.Tensor], steps: int,
@@ -41,6 +41,8 @@ def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if len(losses) % max(1, steps // 5) == 0:   # for logs, where the bar is not drawn
+                say(f"{desc}: step {len(losses)}/{steps}, loss {losses[-1]:.4g}")
     model.zero_grad(set_to_none=True)
     return losses
 
