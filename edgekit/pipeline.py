@@ -106,6 +106,7 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         for prof in prep.profiles:
             doc["targets"].append(run_target(prof, recipe, staging, reference, evals.labels, fp32_metric))
         doc["gates"] = gates.evaluate(recipe.gates, doc["targets"])
+        shutil.rmtree(staging / "prune_cache", ignore_errors=True)
         report.write(doc, staging)
         _publish(staging, prep.out)
     except BaseException:
@@ -135,7 +136,8 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
             np.save(work / "reference.npy", reference)
             job["prune_eval"] = {"eval": str(recipe.resolve(recipe.data.evaluation)),
-                                 "reference": str(work / "reference.npy"), "limit": len(reference)}
+                                 "reference": str(work / "reference.npy"), "limit": len(reference),
+                                 "cache": str(staging / "prune_cache")}
         built = _worker("build", job, work / "build", log)
         row["timings"] = built["timings"]
         if built.get("prune"):

@@ -80,6 +80,20 @@ def _prune(model, recipe, profile, calib, prune_eval: dict | None, result: dict)
 
     from edgekit.prune import prune_model, torch_evaluator
 
+    # Targets with the same round_to get the same pruned model (same recipe, data and seedless steps):
+    # the first one's is reused from the run's cache instead of pruning and distilling again.
+    cache = Path(prune_eval["cache"]) / f"round_to_{profile.prune.round_to}" if prune_eval and \
+        prune_eval.get("cache") else None
+    if cache is not None and (cache / "facts.json").is_file():
+        import torch
+
+        with step(profile.name, f"prune: reuse the model pruned for round_to {profile.prune.round_to}") as s:
+            # the user's model file is imported under a per-process name (edgekit.model.load_model)
+            sys.modules.setdefault((cache / "module.txt").read_text(), sys.modules[type(model).__module__])
+            pruned = torch.load(cache / "model.pt", weights_only=False)
+        result["timings"]["prune_s"] = s["seconds"]
+        result["prune"] = {**json.loads((cache / "facts.json").read_text()), "reused": True}
+        return pruned
     evaluate = None
     if prune_eval:
         evaluate = torch_evaluator(recipe.model.inputs, prune_eval["eval"], np.load(prune_eval["reference"]),
@@ -89,6 +103,13 @@ def _prune(model, recipe, profile, calib, prune_eval: dict | None, result: dict)
                                     profile.prune.round_to, profile.name, evaluate)
     result["timings"]["prune_s"] = s["seconds"]
     result["prune"] = facts
+    if cache is not None:
+        import torch
+
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned, cache / "model.pt")
+        (cache / "module.txt").write_text(type(model).__module__)
+        (cache / "facts.json").write_text(json.dumps(facts))
     return pruned
 
 
