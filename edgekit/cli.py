@@ -38,6 +38,11 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # [gates.targets.ort-cpu]              # per-target overrides
   # min_speedup = 2.0
 
+  # [prune]                              # optional: structured pruning before export, per target
+  # ratio = 0.3                          # fraction of channels / FFN neurons / heads removed
+  # ratios = { image = 0.4, text = 0.2 } # per tower, by input modality
+  # recover_steps = 200                  # label-free distillation steps from the fp32 model; 0 = none
+
 Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
 artifacts/<target>/ (fp32 and optimized), logs/<target>.log. The directory appears only when the
 run finishes; a failed target is a 'failed' row with its reason, and the other targets still run.

@@ -109,6 +109,7 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         for prof in prep.profiles:
             doc["targets"].append(run_target(prof, recipe, staging, reference, evals.labels, fp32_metric))
         doc["gates"] = gates.evaluate(recipe.gates, doc["targets"])
+        shutil.rmtree(staging / "prune_cache", ignore_errors=True)
         report.write(doc, staging)
         _publish(staging, prep.out)
     except BaseException:
@@ -136,12 +137,18 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     work.mkdir(parents=True, exist_ok=True)
     log = staging / "logs" / f"{prof.name}.log"
     try:
-        built = _worker("build", {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir),
-                                  "search": _search_job(prof, recipe, work, reference)},
-                        work / "build", log)
+        job = {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir),
+               "search": _search_job(prof, recipe, work, reference)}
+        if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
+            np.save(work / "reference.npy", reference)
+            job["prune_eval"] = {"eval": str(recipe.resolve(recipe.data.evaluation)),
+                                 "reference": str(work / "reference.npy"), "limit": len(reference),
+                                 "cache": str(staging / "prune_cache")}
+        built = _worker("build", job, work / "build", log)
         row["timings"] = built["timings"]
-        if built.get("quantize_search"):
-            row["quantize_search"] = built["quantize_search"]
+        for key in ("quantize_search", "prune"):
+            if built.get(key):
+                row[key] = built[key]
         # fp32 and optimized are the row's two sides; "extras" (e.g. an fp16 variant, or the unpruned
         # int8 artifact a pruned one is compared with) are verified and timed the same way.
         kinds = [(k, built[k]) for k in ("fp32", "optimized") if built.get(k)]
@@ -179,6 +186,8 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         row["size_ratio"] = round(op["size_bytes"] / fp["size_bytes"], 4)
         if fp["latency_ms"] and op["latency_ms"]:
             row["speedup_p50"] = round(fp["latency_ms"]["p50"] / op["latency_ms"]["p50"], 3)
+        if row.get("prune"):
+            report.prune_effect(row)
         _search_verdict(row)
         say(f"[{prof.name}] ok: {report.summary_line(row)}")
     except TargetError as e:

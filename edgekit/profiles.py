@@ -24,6 +24,13 @@ class BenchSettings(BaseModel):
     runs: int = Field(default=100, ge=1)
 
 
+class PruneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    round_to: int = Field(default=1, ge=1)
+    """Pruned widths (channels, neurons, heads x head size) are multiples of this: the target's
+    kernels' vector/tile width, so a pruned layer does not pay for a padded remainder."""
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -42,6 +49,7 @@ class Profile(BaseModel):
     quantize: dict[str, Any] = {}
     runtime: dict[str, Any] = {}
     bench: BenchSettings = BenchSettings()
+    prune: PruneSettings = PruneSettings()
     path: Optional[Path] = Field(default=None, exclude=True)
 
 

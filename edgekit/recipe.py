@@ -84,6 +84,27 @@ class DataSpec(_Strict):
     max_evaluation_samples: Optional[int] = Field(default=None, ge=1)
 
 
+class PruneSpec(_Strict):
+    """``[prune]``: structured pruning before export (edgekit.prune); absent = no pruning."""
+    ratio: float = Field(default=0.0, ge=0, lt=1)
+    """Global fraction of channels / FFN neurons / attention heads to remove."""
+    ratios: dict[str, float] = {}
+    """Per tower, by input modality (``{ image = 0.4, text = 0.2 }``); layers fed by several modalities
+    (fusion) use ``ratio``."""
+    recover_steps: int = Field(default=0, ge=0)
+    """Label-free distillation steps from the unpruned fp32 model on the calibration inputs; 0 = none."""
+    recover_lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratio_range(cls, ratios: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in ratios.items() if not 0 <= v < 1}
+        if bad:
+            raise ValueError(f"each ratio must be >= 0 and < 1, got {bad}")
+        return ratios
+
+
 class GateSpec(_Strict):
     max_metric_drop: Optional[float] = Field(default=None, ge=0)
     min_speedup: Optional[float] = Field(default=None, gt=0)
@@ -129,6 +150,7 @@ class Recipe(_Strict):
     data: DataSpec
     gates: Gates = Gates()
     quantize: QuantizeSpec = QuantizeSpec()
+    prune: Optional[PruneSpec] = None
 
     # Filled in by load_recipe, not by the user.
     path: Path = Field(default=Path("edgekit.toml"), exclude=True)
@@ -137,6 +159,12 @@ class Recipe(_Strict):
     def _targets_unique(self) -> "Recipe":
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets are listed twice: {self.targets}")
+        if self.prune is not None:
+            known = {i.modality for i in self.model.inputs}
+            unknown = sorted(set(self.prune.ratios) - known)
+            if unknown:
+                raise ValueError(f"prune.ratios: {', '.join(unknown)} is not a modality of [model] inputs "
+                                 f"(modalities: {', '.join(sorted(known))})")
         return self
 
     @property

@@ -39,6 +39,43 @@ def summary_line(row: dict) -> str:
             f"metric {_metric(fp['metric'])} -> {_metric(op['metric'])} (drop {row['metric_drop']:+.4f})")
 
 
+def prune_effect(row: dict) -> None:
+    """Add to ``row["prune"]`` what pruning did on this target's runtime: the metric after quantization
+    and the latency of the pruned int8 artifact vs the unpruned int8 one (extra ``int8_unpruned``)."""
+    pr, op = row["prune"], row["optimized"]
+    pr["metric_after_quantize"] = op["metric"]
+    base = (row.get("extras") or {}).get("int8_unpruned")
+    if base:
+        pr["int8_unpruned_metric"] = base["metric"]
+        if base["latency_ms"] and op["latency_ms"]:
+            pr["latency_p50_ms"] = {"int8_unpruned": base["latency_ms"]["p50"], "pruned_int8": op["latency_ms"]["p50"]}
+            pr["speedup_vs_int8_unpruned"] = round(base["latency_ms"]["p50"] / op["latency_ms"]["p50"], 3)
+
+
+def prune_markdown(row: dict, metric: str) -> list[str]:
+    pr = row["prune"]
+    f = lambda k: _metric(pr.get(k))  # noqa: E731
+    heads = [w for w in pr["widths"] if w["kind"] == "heads"]
+    chans = [w for w in pr["widths"] if w["kind"] == "channels"]
+    lines = [f"- **pruning** (ratio {pr['ratio']}, per tower {pr['ratios'] or '—'}, widths multiples of "
+             f"{pr['round_to']}, {pr['recover_steps']} distillation steps): params {pr['params_before'] / 1e6:.2f} M → "
+             f"{pr['params_after'] / 1e6:.2f} M, MACs {pr['macs_before'] / 1e6:.1f} M → {pr['macs_after'] / 1e6:.1f} M; "
+             f"{metric} in torch: pruned {f('metric_after_prune')} → recovered "
+             f"{f('metric_after_recovery')} → quantized {f('metric_after_quantize')}"]
+    if pr.get("latency_p50_ms"):
+        lat = pr["latency_p50_ms"]
+        lines.append(f"- pruning's latency effect here: int8 unpruned p50 {lat['int8_unpruned']:.3f} ms → pruned int8 "
+                     f"{lat['pruned_int8']:.3f} ms (**{pr['speedup_vs_int8_unpruned']:.2f}×**)")
+    if heads:
+        lines.append("- heads kept: " + ", ".join(f"`{w['layer']}` {w['before']}→{w['after']}" for w in heads))
+    if chans:
+        lines.append("- widths: " + ", ".join(f"`{w['layer']}` {w['before']}→{w['after']} ({w['tower']})"
+                                              for w in chans))
+    if pr.get("protected"):
+        lines.append("- kept whole (protected): " + ", ".join(f"{n} × {why}" for why, n in pr["protected"].items()))
+    return lines
+
+
 def table(doc: dict) -> str:
     head = ("| target | status | device | p50 fp32 → opt (ms) | speedup | size fp32 → opt | "
             f"{doc['eval']['metric']} fp32 → opt | drop | precision |")
@@ -102,6 +139,8 @@ def markdown(doc: dict) -> str:
             out.append(f"- device {r['device']}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
                        f"python {d['python']}")
         out += search_md(r.get("quantize_search"))
+        if r.get("prune"):
+            out += prune_markdown(r, doc["eval"]["metric"])
         out.append("")
     return "\n".join(out)
 

@@ -48,6 +48,9 @@ def build(job: dict) -> dict:
     args = example_inputs(recipe.model.inputs, calib.sample(0))
 
     result: dict = {"timings": {}}
+    pruned = None
+    if recipe.prune is not None:  # prune a copy first: the fp32 baseline below stays the unpruned model
+        pruned = _prune(model, recipe, profile, calib, job.get("prune_eval"), result)
     with step(profile.name, "export fp32") as s:
         fp32 = backend.export_fp32(model, args, recipe.model.inputs, out, export_opts)
     result["timings"]["export_s"] = s["seconds"]
@@ -56,10 +59,19 @@ def build(job: dict) -> dict:
         with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
             opt = backend.quantize(fp32, calib, out, quant_opts)
         result["timings"]["quantize_s"] = s["seconds"]
-        if job.get("search"):
+        q_fp32, q_out = fp32, out
+        if pruned is not None:  # optimized = pruned + quantized; the unpruned int8 artifact shows what pruning adds
+            add_extra(result, "int8_unpruned", opt)
+            with step(profile.name, "export + quantize the pruned model") as s:
+                q_out = out / "pruned"
+                q_out.mkdir(exist_ok=True)
+                q_fp32 = backend.export_fp32(pruned, args, recipe.model.inputs, q_out, export_opts)
+                opt = backend.quantize(q_fp32, calib, q_out, quant_opts)
+            result["timings"]["prune_export_quantize_s"] = s["seconds"]
+        if job.get("search"):  # accuracy-aware search on what ships (the pruned model, if pruned)
             try:
-                opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, fp32, opt,
-                                                         quant_opts, calib, out)
+                opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, q_fp32, opt,
+                                                         quant_opts, calib, q_out)
                 result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
             except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
                 say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
@@ -89,6 +101,45 @@ def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, 
                         time_budget_s=spec["time_budget_s"], max_steps=spec["max_steps"])
     return search(ctx, fp32, opt, quant_opts, out,
                   lambda c: backend.search_candidates(fp32, quant_opts, c))
+
+
+def _prune(model, recipe, profile, calib, prune_eval: dict | None, result: dict):
+    """Prune (and recover) a copy of ``model`` for this target; record the facts in ``result["prune"]``."""
+    import copy
+
+    from edgekit.prune import prune_model, torch_evaluator
+
+    # Targets with the same round_to get the same pruned model (same recipe, data and seedless steps):
+    # the first one's is reused from the run's cache instead of pruning and distilling again.
+    cache = Path(prune_eval["cache"]) / f"round_to_{profile.prune.round_to}" if prune_eval and \
+        prune_eval.get("cache") else None
+    if cache is not None and (cache / "facts.json").is_file():
+        import torch
+
+        with step(profile.name, f"prune: reuse the model pruned for round_to {profile.prune.round_to}") as s:
+            # the user's model file is imported under a per-process name (edgekit.model.load_model)
+            sys.modules.setdefault((cache / "module.txt").read_text(), sys.modules[type(model).__module__])
+            pruned = torch.load(cache / "model.pt", weights_only=False)
+        result["timings"]["prune_s"] = s["seconds"]
+        result["prune"] = {**json.loads((cache / "facts.json").read_text()), "reused": True}
+        return pruned
+    evaluate = None
+    if prune_eval:
+        evaluate = torch_evaluator(recipe.model.inputs, prune_eval["eval"], np.load(prune_eval["reference"]),
+                                   recipe.data.metric, prune_eval.get("limit"))
+    with step(profile.name, "prune + recover") as s:
+        pruned, facts = prune_model(copy.deepcopy(model), recipe.model.inputs, calib, recipe.prune,
+                                    profile.prune.round_to, profile.name, evaluate)
+    result["timings"]["prune_s"] = s["seconds"]
+    result["prune"] = facts
+    if cache is not None:
+        import torch
+
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned, cache / "model.pt")
+        (cache / "module.txt").write_text(type(model).__module__)
+        (cache / "facts.json").write_text(json.dumps(facts))
+    return pruned
 
 
 def measure(job: dict) -> dict:
