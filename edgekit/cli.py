@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--targets", nargs="+", metavar="TARGET",
                        help="run these targets instead of the recipe's (names or profile paths)")
         r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
+        r.add_argument("--no-cache", action="store_true",
+                       help="build everything afresh and store nothing ($EDGEKIT_CACHE, default ~/.cache/edgekit, "
+                            "holds exports, calibrations and fp32 reference outputs keyed by their inputs)")
+        r.add_argument("--reuse", action="store_true",
+                       help="also reuse cached verification + latency results of unchanged artifacts instead of "
+                            "measuring again (a quick look; release numbers should be measured)")
+        if name == "ci":
+            r.add_argument("--baseline", metavar="REPORT",
+                           help="the previous release's report.json: fail on latency (noise-aware), metric or "
+                                "size regressions (limits: [gates] max_latency_regression, max_metric_regression, "
+                                "max_size_growth)")
+            r.add_argument("--junit", metavar="FILE", help="write JUnit XML: one test case per target x gate")
+            r.add_argument("--summary", metavar="FILE",
+                           help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set)")
 
     b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml, .tflite) on this machine",
                        description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
@@ -102,27 +116,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from edgekit import gates, pipeline, report
+    import os
 
-    doc = pipeline.run(args.recipe, args.targets, args.out)
+    from edgekit import baseline, gates, junit, pipeline, report
+    from edgekit.cache import Cache
+
+    base = baseline.load(args.baseline) if getattr(args, "baseline", None) else None  # bad input: before any work
+    doc = pipeline.run(args.recipe, args.targets, args.out, cache=Cache.open(not args.no_cache, args.reuse))
     out = Path(args.out) if args.out else Path("runs") / doc["model"]["name"]
+    results = list(doc["gates"])
+    if base is not None:
+        from edgekit.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        doc["baseline"] = {"path": str(args.baseline), "created": base.get("created"),
+                           "results": baseline.compare(doc, base, recipe.gates, confirm=None if args.reuse else (
+                               lambda row, prev: pipeline.confirm_latency(recipe, row, out, args.baseline, prev)))}
+        results += doc["baseline"]["results"]
+        report.write(doc, out)
     print()
     print(report.table(doc))
     print()
-    bad_gates = gates.failed(doc["gates"])
+    bad_gates = gates.failed(results)
     for g in bad_gates:
         print(f"gate failed: {g['target']} {g['gate']} = {g['limit']:g} ({g['what']} = {g['value']:g})")
     failed = [t for t in doc["targets"] if t["status"] == "failed"]
     for t in failed:
         print(f"target failed: {t['name']}: {t['reason'].splitlines()[0]}")
-    print(f"report: {out / 'report.md'} (and report.json)")
-    if failed:
-        return EXIT_TARGET_FAILED
-    if bad_gates:
-        if args.cmd == "ci":
-            return EXIT_GATE_FAILED
+    print(f"report: {out / 'report.md'} (and report.json, report.html, manifest.json)")
+    code = EXIT_TARGET_FAILED if failed else EXIT_GATE_FAILED if bad_gates and args.cmd == "ci" else EXIT_OK
+    if args.cmd == "ci":
+        if args.junit:
+            junit.write(args.junit, doc, results)
+            print(f"junit: {args.junit}")
+        md = junit.summary(doc, results, code)
+        if args.summary:
+            Path(args.summary).write_text(md)
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+                f.write(md)
+    elif bad_gates:
         print("(edgekit run reports gates; `edgekit ci` enforces them)")
-    return EXIT_OK
+    return code
 
 
 def _bench(args) -> int:

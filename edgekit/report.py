@@ -15,6 +15,9 @@ def now() -> str:
 def write(doc: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "report.md").write_text(markdown(doc))
+    from edgekit import report_html
+
+    report_html.write(doc, out)
 
 
 def _mb(n: int | None) -> str:
