@@ -244,8 +244,14 @@ class Keys:
     def for_run(cls, recipe, model, calib_path: Path, eval_path: Path) -> "Keys":
         src = recipe.model.source
         src_file = recipe.resolve(src.rpartition(":")[0] if not src.endswith(".pt2") else src)
-        return cls(model=model_digest(model, src_file),
-                   recipe=recipe.model_dump(mode="json", exclude={"gates"}),
+        spec = recipe.model_dump(mode="json", exclude={"gates"})
+        # How a path is spelled does not matter, what it holds does: the model source as an absolute
+        # path, the data files by their sha256 (below) instead of their paths.
+        spec["model"]["source"] = str(src_file) + (src[len(src.rpartition(":")[0]):] if not src.endswith(".pt2") else "")
+        spec.pop("targets", None)  # each build's key has its own target profile
+        spec["data"].pop("calibration", None)
+        spec["data"].pop("evaluation", None)
+        return cls(model=model_digest(model, src_file), recipe=spec,
                    calibration=file_sha256(calib_path), evaluation=file_sha256(eval_path), env=environment())
 
     def reference(self) -> str:

@@ -37,10 +37,16 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # max_size_bytes = 20_000_000
   # [gates.targets.ort-cpu]              # per-target overrides
   # min_speedup = 2.0
+  # with `edgekit ci --baseline PREV/report.json` (defaults shown):
+  # max_latency_regression = 0.10        # relative p50 growth floor, widened by measured noise
+  # max_metric_regression = 0.005        # absolute metric loss vs the baseline
+  # max_size_growth = 0.05               # relative size growth vs the baseline
 
 Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
-artifacts/<target>/ (fp32 and optimized), logs/<target>.log. The directory appears only when the
-run finishes; a failed target is a 'failed' row with its reason, and the other targets still run.
+report.html, manifest.json (sha256 of every artifact file), artifacts/<target>/ (fp32 and
+optimized), logs/<target>.log. Builds are cached in $EDGEKIT_CACHE (default ~/.cache/edgekit).
+The directory appears only when the run finishes; a failed target is a 'failed' row with its
+reason, and the other targets still run.
 
 Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed.
 """

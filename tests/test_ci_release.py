@@ -48,10 +48,11 @@ def junit_cases(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
-    """One cold `edgekit ci` of the tiny example (3 targets) into an empty cache."""
+    """One cold `edgekit ci` of the tiny example (3 targets). It fills the test session's cache, so the
+    other end-to-end tests of the tiny example (test_e2e.py) reuse its builds."""
     base = tmp_path_factory.mktemp("ci")
     recipe = example_recipe(base / "recipe")
-    cache = base / "cache"
+    cache = Path(os.environ["EDGEKIT_CACHE"])
     p = edgekit("ci", recipe, "--out", base / "run1", "--junit", base / "run1.xml", "--summary", base / "run1.md",
                 cache=cache, env={"GITHUB_STEP_SUMMARY": ""})
     return base, recipe, cache, p
@@ -61,6 +62,8 @@ def cold(tmp_path_factory):
 def test_passing_ci_exits_0_with_a_junit_case_per_target_and_gate(cold):
     base, _, _, p = cold
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    doc = json.loads((base / "run1/report.json").read_text())
+    assert all(t["cache"]["build"] == "miss" for t in doc["targets"])  # it was a cold run
     cases = junit_cases(base / "run1.xml")
     assert set(cases) == {(f"edgekit.{t}", g) for t in TARGETS for g in ("max_metric_drop", "max_size_bytes")}
     assert not any(tc.find("failure") is not None for tc in cases.values())
