@@ -75,8 +75,14 @@ def plots(doc: dict) -> list[tuple[str, str]]:
            if a and a.get("latency_ms") and a.get("metric") is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        names = list(dict.fromkeys(p[0] for p in pts))
+        colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+        for n in names:  # one color per target, fp32 -> optimized joined by a line
+            mine = [(x, y) for name, _, x, y in pts if name == n]
+            ax.plot([x for x, _ in mine], [y for _, y in mine], color=colors[n], alpha=0.4, lw=1)
         for name, kind, x, y in pts:
-            ax.scatter([x], [y], marker="o" if kind == "fp32" else "^" if kind == "optimized" else "s", s=40)
+            ax.scatter([x], [y], marker="o" if kind == "fp32" else "^" if kind == "optimized" else "s", s=40,
+                       color=colors[name])
             ax.annotate(f"{name} {kind}", (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
         ax.set_xlabel("p50 latency (ms)")
         ax.set_ylabel(doc["eval"]["metric"])
