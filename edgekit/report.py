@@ -80,6 +80,13 @@ def markdown(doc: dict) -> str:
             val = "not judged: " + g.get("note", "") if g["value"] is None else f"{g['value']:g}"
             out.append(f"- {mark} `{g['target']}` {g['gate']} = {g['limit']:g}: {g['what']} = {val}")
         out.append("")
+    if doc.get("baseline"):
+        out += [f"## Regressions vs baseline ({doc['baseline']['path']})", ""]
+        for g in doc["baseline"]["results"]:
+            mark = {True: "✅", False: "❌", None: "⚠️"}[g["passed"]]
+            val = "not judged: " + g.get("note", "") if g["value"] is None else f"{g['value']:g}"
+            out.append(f"- {mark} `{g['target']}` {g['gate']}: {g['what']} = {val} (limit {g['limit']:g})")
+        out.append("")
     out += ["## Targets", ""]
     for r in doc["targets"]:
         out.append(f"### {r['name']} ({r['backend']}, {r['device']}, {r['threads']} thread(s))")

@@ -370,3 +370,16 @@ def test_report_html_renders_a_failed_and_an_unmeasured_target(tmp_path):
     dom = dump_dom(tmp_path / "report.html", tmp_path)
     assert "<td>broken</td>" in dom and "torch.onnx.export failed: boom" in dom
     assert "<td>phone</td>" in dom and "not measured" in dom and "Artifact sizes" in dom
+
+
+@pytest.mark.slow
+def test_openvino_ir_bytes_do_not_depend_on_what_the_process_did_before(tmp_path):
+    """OpenVINO names nodes from a process-wide counter; two builds in one process (counter far apart)
+    must still save identical .xml/.bin (edgekit.backends.openvino.stable_names)."""
+    from tests.conftest import build_target
+
+    digests = []
+    for i in range(2):
+        build_target("openvino-x86", tmp_path / str(i), 8, 4) if (tmp_path / str(i)).mkdir() is None else None
+        digests.append({f.name: manifest.sha256(f) for f in (tmp_path / str(i)).iterdir() if f.suffix in (".xml", ".bin")})
+    assert len(digests[0]) == 4 and digests[0] == digests[1]
