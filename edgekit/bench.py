@@ -26,6 +26,10 @@ def latency_stats(seconds: list[float]) -> dict:
         "mean": round(float(ms.mean()), 4),
         "min": round(float(ms.min()), 4),
         "std": round(float(ms.std()), 4),
+        # spread for noise-aware baseline comparison (edgekit.baseline): MAD and quartiles
+        "mad": round(float(np.median(np.abs(ms - np.median(ms)))), 4),
+        "q1": round(float(np.percentile(ms, 25)), 4),
+        "q3": round(float(np.percentile(ms, 75)), 4),
         "n": int(ms.size),
     }
 
@@ -66,6 +70,9 @@ def measure(load: Callable[[], object], samples, *, warmup: int, runs: int,
         samples = samples(runner)
     outs = [np.asarray(runner.run(s)[0]).reshape(-1) for s in bar(samples, len(samples), "verify")]
     stats: dict = {"load_ms": round(load_ms, 2), "runtime_device": getattr(runner, "device", None)}
+    from edgekit.manifest import signature
+
+    stats["io"] = signature(runner)
     if bench:
         stats["latency_ms"] = latency_stats(time_calls(lambda: runner.run(samples[0]), warmup, runs))
     stats["peak_rss_mb"] = peak_rss_mb()
@@ -105,3 +112,22 @@ def describe(stats: Optional[dict]) -> str:
     if not stats:
         return "not measured"
     return f"p50 {stats['p50']:.3f} ms, p90 {stats['p90']:.3f}, p99 {stats['p99']:.3f} (n={stats['n']})"
+
+
+def ab_compare(runner_a, runner_b, feed, *, warmup: int, rounds: int = 10, per_round: int = 20) -> dict:
+    """Time two loaded artifacts interleaved (``rounds`` alternating blocks of ``per_round`` calls, A/B
+    order flipped every round) so that whatever else the machine does hits both alike. Returns each
+    side's latency stats and ``ratio_p50`` = p50(B) / p50(A)."""
+    for _ in range(warmup):
+        runner_a.run(feed)
+        runner_b.run(feed)
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for r in range(rounds):
+        for side in (("a", "b") if r % 2 == 0 else ("b", "a")):
+            runner = runner_a if side == "a" else runner_b
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                runner.run(feed)
+                times[side].append(time.perf_counter() - t0)
+    a, b = latency_stats(times["a"]), latency_stats(times["b"])
+    return {"a": a, "b": b, "ratio_p50": round(b["p50"] / a["p50"], 4)}

@@ -37,6 +37,10 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # max_size_bytes = 20_000_000
   # [gates.targets.ort-cpu]              # per-target overrides
   # min_speedup = 2.0
+  # with `edgekit ci --baseline PREV/report.json` (defaults shown):
+  # max_latency_regression = 0.10        # relative p50 growth floor, widened by measured noise
+  # max_metric_regression = 0.005        # absolute metric loss vs the baseline
+  # max_size_growth = 0.05               # relative size growth vs the baseline
 
   # [prune]                              # optional: structured pruning before export, per target
   # ratio = 0.3                          # fraction of channels / FFN neurons / heads removed
@@ -44,10 +48,14 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # recover_steps = 200                  # label-free distillation steps from the fp32 model; 0 = none
 
 Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
-artifacts/<target>/ (fp32 and optimized), logs/<target>.log. The directory appears only when the
-run finishes; a failed target is a 'failed' row with its reason, and the other targets still run.
+report.html, manifest.json (sha256 of every artifact file), artifacts/<target>/ (fp32 and
+optimized), logs/<target>.log. Builds are cached in $EDGEKIT_CACHE (default ~/.cache/edgekit).
+The directory appears only when the run finishes; a failed target is a 'failed' row with its
+reason, and the other targets still run.
 
-Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed.
+Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed. A target whose
+accuracy-aware quantization search ends over max_metric_drop is 'failed' in the report with its best
+artifact ("accuracy budget not met ...") and counts as a failed max_metric_drop gate (exit 1 from ci).
 """
 
 
@@ -75,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="time every target there instead of its profile's device: host, "
                             "ssh:[user@]host[:port] (a Linux board with python3 + numpy + onnxruntime; "
                             "ssh keys/agent/config, never a password prompt) or adb:SERIAL")
+        r.add_argument("--no-cache", action="store_true",
+                       help="build everything afresh and store nothing ($EDGEKIT_CACHE, default ~/.cache/edgekit, "
+                            "holds exports, calibrations and fp32 reference outputs keyed by their inputs)")
+        r.add_argument("--reuse", action="store_true",
+                       help="also reuse cached verification + latency results of unchanged artifacts instead of "
+                            "measuring again (a quick look; release numbers should be measured)")
+        if name == "ci":
+            r.add_argument("--baseline", metavar="REPORT",
+                           help="the previous release's report.json: fail on latency (noise-aware), metric or "
+                                "size regressions (limits: [gates] max_latency_regression, max_metric_regression, "
+                                "max_size_growth)")
+            r.add_argument("--junit", metavar="FILE", help="write JUnit XML: one test case per target x gate")
+            r.add_argument("--summary", metavar="FILE",
+                           help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set)")
 
     b = sub.add_parser("bench", help="benchmark one artifact (.onnx, .xml, .tflite) on this machine",
                        description="Load an artifact, time it (warm-up, then timed runs) and print latency, "
@@ -115,27 +137,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from edgekit import gates, pipeline, report
+    import os
 
-    doc = pipeline.run(args.recipe, args.targets, args.out, args.device)
+    from edgekit import baseline, gates, junit, pipeline, report
+    from edgekit.cache import Cache
+
+    base = baseline.load(args.baseline) if getattr(args, "baseline", None) else None  # bad input: before any work
+    doc = pipeline.run(args.recipe, args.targets, args.out, args.device, cache=Cache.open(not args.no_cache, args.reuse))
     out = Path(args.out) if args.out else Path("runs") / doc["model"]["name"]
+    results = list(doc["gates"])
+    if base is not None:
+        from edgekit.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        doc["baseline"] = {"path": str(args.baseline), "created": base.get("created"),
+                           "results": baseline.compare(doc, base, recipe.gates, confirm=None if args.reuse else (
+                               lambda row, prev: pipeline.confirm_latency(recipe, row, out, args.baseline, prev)))}
+        results += doc["baseline"]["results"]
+        report.write(doc, out)
     print()
     print(report.table(doc))
     print()
-    bad_gates = gates.failed(doc["gates"])
+    bad_gates = gates.failed(results)
     for g in bad_gates:
         print(f"gate failed: {g['target']} {g['gate']} = {g['limit']:g} ({g['what']} = {g['value']:g})")
-    failed = [t for t in doc["targets"] if t["status"] == "failed"]
+    failed = [t for t in doc["targets"] if t["status"] == "failed" and not t.get("budget_missed")]
     for t in failed:
         print(f"target failed: {t['name']}: {t['reason'].splitlines()[0]}")
-    print(f"report: {out / 'report.md'} (and report.json)")
-    if failed:
-        return EXIT_TARGET_FAILED
-    if bad_gates:
-        if args.cmd == "ci":
-            return EXIT_GATE_FAILED
+    for t in doc["targets"]:
+        if t.get("budget_missed"):  # artifacts built and measured: a failed max_metric_drop gate, not exit 3
+            print(f"target failed its accuracy budget: {t['name']}: {t['reason'].splitlines()[0]}")
+    print(f"report: {out / 'report.md'} (and report.json, report.html, manifest.json)")
+    code = EXIT_TARGET_FAILED if failed else EXIT_GATE_FAILED if bad_gates and args.cmd == "ci" else EXIT_OK
+    if args.cmd == "ci":
+        if args.junit:
+            junit.write(args.junit, doc, results)
+            print(f"junit: {args.junit}")
+        md = junit.summary(doc, results, code)
+        if args.summary:
+            Path(args.summary).write_text(md)
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+                f.write(md)
+    elif bad_gates:
         print("(edgekit run reports gates; `edgekit ci` enforces them)")
-    return EXIT_OK
+    return code
 
 
 def _bench(args) -> int:

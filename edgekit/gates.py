@@ -24,7 +24,8 @@ def evaluate(gates: Gates, targets: list[dict]) -> list[dict]:
             limit = getattr(spec, gate)
             if limit is None:
                 continue
-            value = read(row) if row["status"] == "ok" else None
+            judged = row["status"] == "ok" or row.get("budget_missed")  # a missed accuracy budget still has figures
+            value = read(row) if judged else None
             if value is None:
                 note = row["reason"] if row["status"] != "ok" else "not measured"
                 results.append({"target": row["name"], "gate": gate, "limit": limit, "value": None,

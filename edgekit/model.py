@@ -5,6 +5,7 @@ program saved as ``.pt2``. Inputs are passed positionally in the recipe's order.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import sys
@@ -44,7 +45,9 @@ def load_model(recipe: Recipe) -> nn.Module:
     path = recipe.resolve(file)
     if not path.is_file():
         raise InputError(f"{where}: file {path} not found")
-    mod_name = f"edgekit_user_model_{abs(hash(str(path)))}"
+    # A stable name (not hash(), which is salted per process): it ends up in exported graphs' metadata,
+    # and artifacts must be byte-identical run to run (manifest.json).
+    mod_name = f"edgekit_user_model_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))  # let the user's file import its neighbours

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edgekit import __version__, devices, gates, report
+from edgekit import __version__, devices, gates, manifest, report
+from edgekit.cache import Cache, Keys
 from edgekit.bench import host_device, machine
 from edgekit.errors import InputError, TargetError
 from edgekit.progress import bar, say, step
@@ -66,8 +67,10 @@ def check_output_dir(out: Path) -> None:
 
 
 def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
-        out: Optional[str | Path] = None, device: Optional[str] = None) -> dict:
-    """Run the whole pipeline; return the report (also written to ``<out>/report.json``)."""
+        out: Optional[str | Path] = None, device: Optional[str] = None,
+        cache: Optional[Cache] = None) -> dict:
+    """Run the whole pipeline; return the report (also written to ``<out>/report.json``).
+    ``cache``: see ``edgekit.cache`` (default: the user's cache, re-measuring cached builds)."""
     from edgekit.data import check_disjoint, load_calibration, load_evaluation
     from edgekit.model import check_forward, configure_torch, count_macs, count_params, example_inputs, \
         load_model, reference_outputs
@@ -80,16 +83,20 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
     check_disjoint(calib, evals)
     model = load_model(recipe)
     check_forward(model, recipe.model.inputs, evals.sample(0))
+    cache = cache if cache is not None else Cache.open()
+    keys = Keys.for_run(recipe, model, calib.path, evals.path) if cache.enabled else None
 
     staging = prep.out.with_name(prep.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "logs").mkdir(parents=True)
     try:
         with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
-            reference = reference_outputs(model, recipe.model.inputs,
-                                          bar(evals, len(evals), "fp32 torch"))
+            reference, hit = cache.array(keys.reference() if keys else "", lambda: reference_outputs(
+                model, recipe.model.inputs, bar(evals, len(evals), "fp32 torch")))
+            if hit:
+                s["note"] = "cached; "
             fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
-            s["note"] = f"{recipe.data.metric} = {fp32_metric:.4f}"
+            s["note"] = s.get("note", "") + f"{recipe.data.metric} = {fp32_metric:.4f}"
         doc = {
             "schema": report.SCHEMA,
             "edgekit_version": __version__,
@@ -98,7 +105,8 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
             "recipe": {"path": str(recipe.path), "sha256": recipe.digest()},
             "model": {"name": recipe.name, "source": recipe.model.source,
                       "params": count_params(model),
-                      "macs": count_macs(model, example_inputs(recipe.model.inputs, evals.sample(0))),
+                      "macs": cache.value(keys.macs() if keys else "", lambda: count_macs(
+                          model, example_inputs(recipe.model.inputs, evals.sample(0)))),
                       "inputs": [i.model_dump() for i in recipe.model.inputs]},
             "calibration": {"path": str(calib.path), "n": len(calib)},
             "eval": {"path": str(evals.path), "metric": recipe.data.metric, "n": len(evals),
@@ -107,9 +115,13 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         }
         del model
         for prof in prep.profiles:
-            doc["targets"].append(run_target(prof, recipe, staging, reference, evals.labels, fp32_metric))
+            doc["targets"].append(run_target(prof, recipe, staging, reference, evals.labels, fp32_metric,
+                                            cache=cache, keys=keys))
         doc["gates"] = gates.evaluate(recipe.gates, doc["targets"])
         shutil.rmtree(staging / "prune_cache", ignore_errors=True)
+        doc["cache"] = {"enabled": cache.enabled, "root": str(cache.root) if cache.enabled else None,
+                        "reuse_measurements": cache.reuse_measurements}
+        manifest.write(doc, staging)
         report.write(doc, staging)
         _publish(staging, prep.out)
     except BaseException:
@@ -119,7 +131,8 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
 
 
 def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarray,
-               labels: Optional[np.ndarray], fp32_metric: float) -> dict:
+               labels: Optional[np.ndarray], fp32_metric: float, cache: Optional[Cache] = None,
+               keys: Optional[Keys] = None) -> dict:
     from edgekit.backends import get_backend
 
     backend = get_backend(prof.backend)
@@ -137,6 +150,7 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     work.mkdir(parents=True, exist_ok=True)
     log = staging / "logs" / f"{prof.name}.log"
     try:
+        cache = cache or Cache(None)
         job = {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir),
                "search": _search_job(prof, recipe, work, reference)}
         if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
@@ -144,7 +158,11 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
             job["prune_eval"] = {"eval": str(recipe.resolve(recipe.data.evaluation)),
                                  "reference": str(work / "reference.npy"), "limit": len(reference),
                                  "cache": str(staging / "prune_cache")}
-        built = _worker("build", job, work / "build", log)
+        build_key = keys.build(job, prof.path, row["versions"]) if keys else ""
+        built, hit = cache.build(build_key, art_dir, lambda: _worker("build", job, work / "build", log))
+        row["cache"] = {"key": build_key[:16] or None, "build": "hit" if hit else "miss", "measure": {}}
+        if hit:
+            say(f"[{prof.name}] build: cached ({cache.root}/builds/{build_key[:16]}...)")
         row["timings"] = built["timings"]
         for key in ("quantize_search", "prune"):
             if built.get(key):
@@ -155,12 +173,16 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
         kinds += sorted(built.get("extras", {}).items())
         for kind, art in kinds:
             say(f"[{prof.name}] verify + benchmark {kind} ({art['precision']})")
-            res = _worker("measure", {
+            mjob = {
                 "backend": prof.backend, "artifact": art["path"], "runtime": runtime.model_dump(),
                 "eval": str(recipe.resolve(recipe.data.evaluation)),
                 "inputs": [i.name for i in recipe.model.inputs], "limit": len(reference),
                 "warmup": prof.bench.warmup, "runs": prof.bench.runs, "bench": unmeasurable is None and not remote,
-                "outputs": str(work / f"{kind}_outputs.npy")}, work / f"measure_{kind}", log)
+                "outputs": str(work / f"{kind}_outputs.npy")}
+            mkey = keys.measure(build_key, kind, mjob, machine()) if keys else ""
+            res, mhit = cache.measure(mkey, work / f"{kind}_outputs.npy",
+                                      lambda: _worker("measure", mjob, work / f"measure_{kind}", log))
+            row["cache"]["measure"][kind] = "reused" if mhit else "measured"
             outputs = np.load(work / f"{kind}_outputs.npy")
             verified_on = _on(host_device(), res.get("runtime_device"))
             if remote and unmeasurable is None:
@@ -175,7 +197,7 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
                 "metric": round(score(recipe.data.metric, outputs, reference, labels), 6),
                 "fidelity": fidelity(outputs, reference),
                 "latency_ms": res.get("latency_ms"), "latency_reason": unmeasurable,
-                "load_ms": res["load_ms"], "peak_rss_mb": res["peak_rss_mb"],
+                "load_ms": res["load_ms"], "peak_rss_mb": res["peak_rss_mb"], "io": res.get("io"),
                 "verified_on": verified_on,
                 "measured_on": None if unmeasurable else _on(row["device"], res.get("runtime_device")),
             }
@@ -218,6 +240,7 @@ def _search_verdict(row: dict) -> None:
     if not qs or qs["status"] == "ok":
         return
     lat = (row["optimized"]["latency_ms"] or {}).get("p50", qs["after"]["latency_ms"])
+    row["budget_missed"] = True  # built, verified and timed: judged as a failed max_metric_drop gate, not a crash
     raise TargetError(f"accuracy budget not met (best drop {row['metric_drop']:.4f} at {lat:.2f} ms; "
                       f"max_metric_drop {qs['max_metric_drop']:g}; {len(qs['steps']) - 1} search steps in "
                       f"{qs['search_s']:.0f} s, stopped: {qs['stopped']})")
@@ -284,3 +307,45 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def confirm_latency(recipe: Recipe, row: dict, out: Path, baseline_report: Path, prev: dict,
+                    repeats: int = 2) -> Optional[dict]:
+    """Measure a suspected latency regression again (see ``edgekit.baseline``): the baseline's and the
+    current optimized artifact interleaved when the baseline's artifact files are still next to its
+    report, else the current one ``repeats`` times. None when it cannot (e.g. profile not found)."""
+    from edgekit.backends import get_backend
+
+    try:
+        prof = load_profile(row["name"], recipe.root)
+    except InputError:
+        return None
+    backend = get_backend(prof.backend)
+    _, _, runtime = backend.options(prof)
+    base_dir = Path(baseline_report)
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
+    prev_files = [base_dir / f for f in (prev.get("optimized") or {}).get("files", [])]
+    common = {"backend": prof.backend, "runtime": runtime.model_dump(),
+              "eval": str(recipe.resolve(recipe.data.evaluation)), "inputs": [i.name for i in recipe.model.inputs],
+              "warmup": prof.bench.warmup}
+    current = str(Path(out) / row["optimized"]["artifact"])
+    with tempfile.TemporaryDirectory(prefix="edgekit-confirm-") as tmp:
+        log = Path(tmp) / "log"
+        try:
+            if prev_files and all(f.is_file() for f in prev_files):
+                say(f"[{prof.name}] latency regression suspected: timing baseline and current artifact interleaved")
+                res = _worker("ab", {**common, "baseline": str(base_dir / prev["optimized"]["artifact"]),
+                                     "current": current, "rounds": 10, "per_round": max(prof.bench.runs // 10, 5)},
+                              Path(tmp) / "ab", log)
+                return {"method": "ab", "a": res["a"], "b": res["b"]}
+            say(f"[{prof.name}] latency regression suspected: measuring the optimized artifact again")
+            lats = []
+            for i in range(repeats):
+                res = _worker("measure", {**common, "artifact": current, "limit": 1, "runs": prof.bench.runs,
+                                          "bench": True, "outputs": str(Path(tmp) / "outputs.npy")},
+                              Path(tmp) / f"measure{i}", log)
+                lats.append(res["latency_ms"])
+            return {"method": "repeat", "latencies": lats}
+        except TargetError as e:
+            say(f"[{prof.name}] could not measure again: {e}")
+            return None

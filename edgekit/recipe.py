@@ -110,6 +110,10 @@ class GateSpec(_Strict):
     min_speedup: Optional[float] = Field(default=None, gt=0)
     max_latency_ms: Optional[float] = Field(default=None, gt=0)
     max_size_bytes: Optional[int] = Field(default=None, gt=0)
+    # Regressions vs `edgekit ci --baseline` (edgekit.baseline; defaults there: 0.10, 0.005, 0.05).
+    max_latency_regression: Optional[float] = Field(default=None, ge=0)  # relative p50 floor
+    max_metric_regression: Optional[float] = Field(default=None, ge=0)  # absolute
+    max_size_growth: Optional[float] = Field(default=None, ge=0)  # relative
 
 
 class Gates(GateSpec):

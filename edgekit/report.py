@@ -15,6 +15,9 @@ def now() -> str:
 def write(doc: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "report.md").write_text(markdown(doc))
+    from edgekit import report_html
+
+    report_html.write(doc, out)
 
 
 def _mb(n: int | None) -> str:
@@ -114,6 +117,13 @@ def markdown(doc: dict) -> str:
             mark = {True: "✅", False: "❌", None: "⚠️"}[g["passed"]]
             val = "not judged: " + g.get("note", "") if g["value"] is None else f"{g['value']:g}"
             out.append(f"- {mark} `{g['target']}` {g['gate']} = {g['limit']:g}: {g['what']} = {val}")
+        out.append("")
+    if doc.get("baseline"):
+        out += [f"## Regressions vs baseline ({doc['baseline']['path']})", ""]
+        for g in doc["baseline"]["results"]:
+            mark = {True: "✅", False: "❌", None: "⚠️"}[g["passed"]]
+            val = "not judged: " + g.get("note", "") if g["value"] is None else f"{g['value']:g}"
+            out.append(f"- {mark} `{g['target']}` {g['gate']}: {g['what']} = {val} (limit {g['limit']:g})")
         out.append("")
     out += ["## Targets", ""]
     for r in doc["targets"]:

@@ -3,6 +3,7 @@ native crash in one toolchain fails one target instead of the run.
 
 ``python -m edgekit.worker build JOB.json``   export fp32 + quantize for one target
 ``python -m edgekit.worker measure JOB.json`` load one artifact, run the evaluation set, benchmark it
+``python -m edgekit.worker ab JOB.json``      time a baseline and a current artifact interleaved
 
 A job file is JSON; the worker writes its result (JSON) to ``job["result"]``.
 """
@@ -158,11 +159,25 @@ def measure(job: dict) -> dict:
     return stats
 
 
+def ab(job: dict) -> dict:
+    """Time the baseline's and the current artifact interleaved (``edgekit ci --baseline``)."""
+    from edgekit.backends import get_backend
+    from edgekit.bench import ab_compare
+
+    backend = get_backend(job["backend"])
+    runtime = backend.RuntimeOptions(**job["runtime"])
+    with np.load(job["eval"], allow_pickle=False) as z:
+        feed = {k: z[k][:1] for k in job["inputs"]}
+    a = backend.load(Path(job["baseline"]), runtime)
+    b = backend.load(Path(job["current"]), runtime)
+    return ab_compare(a, b, feed, warmup=job["warmup"], rounds=job["rounds"], per_round=job["per_round"])
+
+
 def main(argv: list[str]) -> int:
     kind, job_path = argv
     job = json.loads(Path(job_path).read_text())
     try:
-        result = {"ok": True, **{"build": build, "measure": measure}[kind](job)}
+        result = {"ok": True, **{"build": build, "measure": measure, "ab": ab}[kind](job)}
     except (InputError, TargetError) as e:
         result = {"ok": False, "error": str(e)}
     except Exception as e:  # noqa: BLE001 - report anything else as the target's failure

@@ -35,6 +35,20 @@ metric = "{metric}"
 """
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never read or fill the user's ~/.cache/edgekit: one fresh cache per test session."""
+    import os
+
+    old = os.environ.get("EDGEKIT_CACHE")
+    os.environ["EDGEKIT_CACHE"] = str(tmp_path_factory.mktemp("edgekit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEKIT_CACHE", None)
+    else:
+        os.environ["EDGEKIT_CACHE"] = old
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A folder with a copy of the tiny model and its data, ready for a recipe."""

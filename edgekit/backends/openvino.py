@@ -87,6 +87,7 @@ class OpenVinoBackend(Backend):
         for port, spec in zip(ir.inputs, inputs):
             port.get_tensor().set_names({spec.name})
         path = out / "model_fp32.xml"
+        stable_names(ir)
         ov.save_model(ir, str(path), compress_to_fp16=opts.compress_to_fp16)
         return Artifact(path=path, files=self.files(path),
                         precision="fp32 (fp16-compressed weights)" if opts.compress_to_fp16 else "fp32",
@@ -117,6 +118,7 @@ class OpenVinoBackend(Backend):
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"nncf.quantize failed: {type(e).__name__}: {first_lines(e)}") from None
         path = out / "model_int8.xml"
+        stable_names(q)
         ov.save_model(q, str(path), compress_to_fp16=False)
         desc = f"int8 (NNCF {opts.preset}" + (", transformer" if opts.model_type else "") + \
                (f", SmoothQuant {opts.smooth_quant_alpha}" if opts.smooth_quant_alpha is not None else "") + \
@@ -150,6 +152,28 @@ class OpenVinoBackend(Backend):
         if not any(d.split(".")[0] == runtime.device.split(".")[0] for d in ov.Core().available_devices):
             return f"not measured: no OpenVINO {runtime.device} device on this machine"
         return None
+
+
+def stable_names(model) -> None:
+    """Make the saved .xml the same bytes in every run (manifest.json). OpenVINO names nodes it creates
+    ``<Type>_<n>`` (also inside derived names, e.g. ``Multiply_4990/fq_weights_1``) and models
+    ``Model<n>``, n from a process-wide counter that depends on everything created before. Each such
+    ``<CamelCase>_<n>`` token is renumbered in order of first appearance in topological order; names
+    from torch (lower-case module paths and aten ops) and tensor names (the recipe's inputs) are kept."""
+    import re
+
+    token = re.compile(r"(?<![A-Za-z0-9_])([A-Z][A-Za-z0-9]*)_(\d+)(?![A-Za-z0-9])")
+    mapping: dict[str, str] = {}
+
+    def renumber(m: re.Match) -> str:
+        return mapping.setdefault(m.group(0), f"{m.group(1)}_ek{len(mapping)}")
+
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        new = token.sub(renumber, name)
+        if new != name:
+            op.set_friendly_name(new)
+    model.set_friendly_name("edgekit")
 
 
 class _OvRunner:
