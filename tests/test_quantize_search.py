@@ -82,8 +82,11 @@ def test_time_budget_is_respected_and_the_failure_is_honest(fragile: Path):
     from edgekit.pipeline import run
 
     _set_quantize(fragile, "[quantize]\ntime_budget_s = 0.01\neval_samples = 16\n")  # less than any step
-    row = run(fragile, out=fragile / "out")["targets"][0]
+    doc = run(fragile, out=fragile / "out")
+    row = doc["targets"][0]
     qs = row["quantize_search"]
+    # A missed budget is a failed max_metric_drop gate (ci exit 1), judged on the measured figures
+    assert row["budget_missed"] and [g["passed"] for g in doc["gates"] if g["gate"] == "max_metric_drop"] == [False]
     # One step may start (no cost estimate yet); none starts once the budget is spent.
     assert len(qs["steps"]) <= 2 and "time budget" in qs["stopped"]
     assert qs["status"] == "failed"
