@@ -79,7 +79,7 @@ def board(folder: Path, name: str, device: str, python: str) -> Path:
 
 
 @pytest.mark.slow
-def test_ssh_board_is_timed_remotely_and_bad_boards_fail_alone(server, tmp_path, monkeypatch):
+def test_ssh_board_is_timed_remotely_and_bad_boards_fail_alone(server, tmp_path):
     # A remote Python that has numpy but no onnxruntime: numpy alone on its path, site-packages off.
     site = tmp_path / "numpy_only"
     site.mkdir()
