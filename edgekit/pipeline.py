@@ -151,12 +151,13 @@ def run_target(prof: Profile, recipe: Recipe, staging: Path, reference: np.ndarr
     log = staging / "logs" / f"{prof.name}.log"
     try:
         cache = cache or Cache(None)
+        ref_path = work / "reference.npy"  # the fp32 torch outputs the search and pruning score against
+        np.save(ref_path, reference)
         job = {"recipe": str(recipe.path), "target": str(prof.path), "out": str(art_dir),
-               "search": _search_job(prof, recipe, work, reference)}
+               "search": _search_job(prof, recipe, ref_path)}
         if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
-            np.save(work / "reference.npy", reference)
             job["prune_eval"] = {"eval": str(recipe.resolve(recipe.data.evaluation)),
-                                 "reference": str(work / "reference.npy"), "limit": len(reference),
+                                 "reference": str(ref_path), "limit": len(reference),
                                  "cache": str(staging / "prune_cache")}
         build_key = keys.build(job, prof.path, row["versions"]) if keys else ""
         built, hit = cache.build(build_key, art_dir, lambda: _worker("build", job, work / "build", log))
@@ -246,15 +247,14 @@ def _search_verdict(row: dict) -> None:
                       f"{qs['search_s']:.0f} s, stopped: {qs['stopped']})")
 
 
-def _search_job(prof: Profile, recipe: Recipe, work: Path, reference: np.ndarray) -> Optional[dict]:
+def _search_job(prof: Profile, recipe: Recipe, ref_path: Path) -> Optional[dict]:
     """The build job's accuracy-aware quantization settings (edgekit.quantize_search), or None: on by
     default where the target has a max_metric_drop gate, off with ``[quantize] search = false``."""
     max_drop = recipe.gates.for_target(prof.name).max_metric_drop
     q = recipe.quantize
     if q.search is False or max_drop is None:
         return None
-    np.save(work / "reference.npy", reference)
-    return {"reference": str(work / "reference.npy"), "max_drop": max_drop, "time_budget_s": q.time_budget_s,
+    return {"reference": str(ref_path), "max_drop": max_drop, "time_budget_s": q.time_budget_s,
             "eval_samples": q.eval_samples, "max_steps": q.max_steps}
 
 

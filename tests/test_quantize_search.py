@@ -50,14 +50,15 @@ def test_search_is_on_only_with_an_accuracy_gate(fragile: Path, tmp_path: Path):
     from edgekit.pipeline import _search_job
     from edgekit.profiles import load_profile
 
-    prof, ref = load_profile("ort-cpu"), np.zeros((2, 10), np.float32)
-    job = _search_job(prof, load_recipe(fragile), tmp_path, ref)
+    prof, ref = load_profile("ort-cpu"), tmp_path / "reference.npy"
+    np.save(ref, np.zeros((2, 10), np.float32))
+    job = _search_job(prof, load_recipe(fragile), ref)
     assert job["max_drop"] == 0.01 and job["time_budget_s"] == 120 and Path(job["reference"]).is_file()
     _set_quantize(fragile, "[quantize]\nsearch = false\n")
-    assert _search_job(prof, load_recipe(fragile), tmp_path, ref) is None
+    assert _search_job(prof, load_recipe(fragile), ref) is None
     text = (fragile / "edgekit.toml").read_text().replace("max_metric_drop = 0.01", "min_speedup = 0.1")
     (fragile / "edgekit.toml").write_text(text.replace("search = false", ""))
-    assert _search_job(prof, load_recipe(fragile), tmp_path, ref) is None  # no max_metric_drop: no search
+    assert _search_job(prof, load_recipe(fragile), ref) is None  # no max_metric_drop: no search
 
 
 @pytest.mark.slow
