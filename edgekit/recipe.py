@@ -91,6 +91,9 @@ class PruneSpec(_Strict):
     ratios: dict[str, float] = {}
     """Per tower, by input modality (``{ image = 0.4, text = 0.2 }``); layers fed by several modalities
     (fusion) use ``ratio``."""
+    macs_budget: Optional[float] = Field(default=None, gt=0, lt=1)
+    """Keep at most this fraction of the unpruned MACs: ``ratio`` and ``ratios`` (all 1 when none is set)
+    are scaled by one factor, found by bisection, until the pruned model fits. Absent = use the ratios."""
     recover_steps: int = Field(default=0, ge=0)
     """Label-free distillation steps from the unpruned fp32 model on the calibration inputs; 0 = none."""
     recover_lr: float = Field(default=1e-4, gt=0)

@@ -71,9 +71,11 @@ def build(job: dict) -> dict:
             result["timings"]["prune_export_quantize_s"] = s["seconds"]
         if job.get("search"):  # accuracy-aware search on what ships (the pruned model, if pruned)
             try:
-                opt, result["quantize_search"] = _search(job["search"], recipe, profile, backend, q_fp32, opt,
-                                                         quant_opts, calib, q_out)
+                opt, result["quantize_search"], chosen = _search(job["search"], recipe, profile, backend, q_fp32,
+                                                                 opt, quant_opts, calib, q_out)
                 result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
+                if pruned is not None and chosen != quant_opts:
+                    _unpruned_like_shipped(result, backend, fp32, calib, out, chosen, profile.name)
             except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
                 say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
                     f"keeping the profile's quantization")
@@ -100,8 +102,21 @@ def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, 
                         samples=[evals.sample(i) for i in range(n)], reference=reference, labels=labels,
                         metric=recipe.data.metric, max_drop=spec["max_drop"],
                         time_budget_s=spec["time_budget_s"], max_steps=spec["max_steps"])
-    return search(ctx, fp32, opt, quant_opts, out,
-                  lambda c: backend.search_candidates(fp32, quant_opts, c))
+    art, outcome = search(ctx, fp32, opt, quant_opts, out, lambda c: backend.search_candidates(fp32, quant_opts, c))
+    return art, outcome, ctx.best.candidate.opts
+
+
+def _unpruned_like_shipped(result: dict, backend, fp32, calib, out: Path, chosen, target: str) -> None:
+    """Rebuild the ``int8_unpruned`` reference with the options the search chose for the pruned model
+    (same layers kept in float, by name), so the latency comparison isolates what pruning adds."""
+    for f in result["extras"]["int8_unpruned"]["files"]:
+        Path(f).unlink(missing_ok=True)
+    if "calibration_cache" in type(chosen).model_fields:  # ranges calibrated on the pruned model
+        chosen = chosen.model_copy(update={"calibration_cache": None})
+    with step(target, "quantize the unpruned model with the shipped artifact's options (latency reference)"):
+        folder = out / "unpruned_like_shipped"
+        folder.mkdir(exist_ok=True)
+        add_extra(result, "int8_unpruned", backend.quantize(fp32, calib, folder, chosen))
 
 
 def _prune(model, recipe, profile, calib, prune_eval: dict | None, result: dict):

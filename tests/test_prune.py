@@ -126,6 +126,32 @@ def test_recovery_distills_towards_teacher(tmp_path):
     assert kd_loss(pruned, batches, teacher) < facts["distill_loss"][0]
 
 
+def test_recovery_trains_only_pruned_towers_and_keeps_the_better_weights(tmp_path):
+    """Only the pruned tower is trained (an untouched pretrained tower must not drift), and a recovery
+    that makes the model follow the teacher worse (a learning rate far too high) is undone."""
+    model = prune_models.build()
+    text_before = {k: v.clone() for k, v in model.block.state_dict().items()}
+    pruned, facts = _prune(model, tmp_path, ratio=0.0, ratios={"image": 0.5}, recover_steps=5, recover_lr=1e-3)
+    assert facts["trained_towers"] == ["image"]
+    assert all(torch.equal(v, pruned.block.state_dict()[k]) for k, v in text_before.items())
+
+    _, facts = _prune(prune_models.build(), tmp_path, ratio=0.5, recover_steps=5, recover_lr=10.0)
+    assert facts["recovery_kept"] is False and facts["distill_loss"][1] >= facts["distill_loss"][0]
+
+
+def test_macs_budget(tmp_path):
+    """[prune] macs_budget scales the ratios until the pruned model keeps at most that share of MACs;
+    a budget no pruning can meet fails naming it."""
+    pruned, facts = _prune(prune_models.build(), tmp_path, ratios={"image": 0.5, "text": 0.25}, macs_budget=0.6)
+    assert facts["macs_after"] <= 0.6 * facts["macs_before"]
+    assert facts["ratio_scale"] > 0
+    _, light = _prune(prune_models.build(), tmp_path, ratios={"image": 0.5, "text": 0.25}, macs_budget=0.95)
+    assert facts["macs_after"] < light["macs_after"] <= 0.95 * light["macs_before"]
+    with pytest.raises(TargetError, match=r"macs_budget 0\.01 cannot be met: pruning every prunable layer by 0\.9 "
+                                          r"keeps 0\.\d+ of the MACs"):
+        _prune(prune_models.build(), tmp_path, macs_budget=0.01)
+
+
 def test_recipe_prune_errors(write_recipe):
     from edgekit.recipe import load_recipe
 
@@ -136,6 +162,8 @@ def test_recipe_prune_errors(write_recipe):
         load_recipe(write_recipe(extra="[prune]\nratio = 1.5"))
     with pytest.raises(InputError, match=r"prune\.ratios.*must be >= 0 and < 1"):
         load_recipe(write_recipe(extra="[prune]\nratios = { image = 1.0 }"))
+    with pytest.raises(InputError, match=r"prune\.macs_budget"):
+        load_recipe(write_recipe(extra="[prune]\nmacs_budget = 1.2"))
 
 
 def test_profile_round_to(tmp_path):

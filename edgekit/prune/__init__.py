@@ -8,6 +8,7 @@ No export toolchain is imported here: the pruned model is a plain ``nn.Module`` 
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ from edgekit.progress import say, step
 from edgekit.recipe import InputSpec, PruneSpec
 
 IMPORTANCE_SAMPLES = 64   # calibration samples whose gradients rank channels and heads
+MAX_RATIO = 0.9           # no layer loses more than this, whatever a MACs budget asks
+BUDGET_TRIES = 7          # bisection steps on the ratio scale for [prune] macs_budget
 
 
 def make_batches(model: nn.Module, samples: Sequence[tuple], size: int) -> list[tuple]:
@@ -48,7 +51,7 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     from edgekit.prune.attention import find_heads, replace_mha
     from edgekit.prune.importance import accumulate_gradients
     from edgekit.prune.pruner import Plan, prune_channels, prune_heads_all
-    from edgekit.prune.recovery import distill, reestimate_batchnorm
+    from edgekit.prune.recovery import distill, kd_loss, reestimate_batchnorm
     from edgekit.prune.towers import layer_modalities
 
     model.eval()
@@ -68,11 +71,8 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
         # MACs counted on the q/k/v form: torch's FLOP counter misses the fused MHA kernel's matmuls.
         facts["macs_before"] = count_macs(model, samples[0])
         names = {m: n for n, m in model.named_modules()}
+        names_to_modules = dict(model.named_modules())
         towers = layer_modalities(model, specs, samples[:4])
-
-        def ratio_of(layer: str) -> float:
-            mods = towers.get(layer, set())
-            return spec.ratios.get(next(iter(mods)), spec.ratio) if len(mods) == 1 else spec.ratio
 
         n_imp = max(1, -(-min(IMPORTANCE_SAMPLES, len(samples)) // len(batches[0][0])))
         accumulate_gradients(model, batches[:n_imp], teacher[:n_imp])
@@ -82,24 +82,45 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
             for m in sorted({m for v in towers.values() for m in v}))
 
     ref_shape = teacher[0][:1].shape
+    # a MACs budget alone (no ratio set) scales a uniform ratio
+    default = 1.0 if spec.macs_budget is not None and not (spec.ratio or any(spec.ratios.values())) else spec.ratio
 
-    def check(what: str) -> None:
+    def forward_check(m: nn.Module, what: str) -> None:
         try:
             with torch.no_grad():
-                out = first_output(model(*samples[0]))
+                out = first_output(m(*samples[0]))
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"prune: the forward broke after pruning {what}: {type(e).__name__}: {e}") from None
         if out.shape != ref_shape:
             raise TargetError(f"prune: after pruning {what} the output shape is {tuple(out.shape)}, "
                               f"not {tuple(ref_shape)}")
 
-    plan = Plan()
-    with step(prefix, f"prune (ratio {spec.ratio}, per tower {dict(spec.ratios) or '-'}, widths to multiples of "
-                      f"{round_to})") as s:
-        prune_heads_all(heads, names, ratio_of, round_to, check, plan)
-        prune_channels(model, samples[0], names, ratio_of, round_to,
-                       {lin for h in heads for lin in h.linears}, check, plan)
-        model.zero_grad(set_to_none=True)
+    def cut(m: nn.Module, scale: float) -> Plan:
+        """Prune ``m`` (the model, or a copy of it) with every ratio multiplied by ``scale``."""
+        def ratio_of(layer: str) -> float:
+            mods = towers.get(layer, set())
+            r = spec.ratios.get(next(iter(mods)), default) if len(mods) == 1 else default
+            return min(MAX_RATIO, r * scale)
+
+        def check(what: str) -> None:
+            forward_check(m, what)
+
+        plan, m_names, m_heads = Plan(), {x: n for n, x in m.named_modules()}, find_heads(m)
+        prune_heads_all(m_heads, m_names, ratio_of, round_to, check, plan)
+        prune_channels(m, samples[0], m_names, ratio_of, round_to, {lin for h in m_heads for lin in h.linears},
+                       check, plan)
+        m.zero_grad(set_to_none=True)
+        return plan
+
+    scale = 1.0
+    if spec.macs_budget is not None:
+        scale = _scale_for_budget(model, cut, max([default, *spec.ratios.values()]), spec.macs_budget,
+                                  facts["macs_before"], samples[0], prefix)
+        facts["macs_budget"], facts["ratio_scale"] = spec.macs_budget, round(scale, 4)
+    with step(prefix, f"prune (ratio {spec.ratio}, per tower {dict(spec.ratios) or '-'}"
+                      + (f", x{scale:.3f} for a MACs budget of {spec.macs_budget:g}" if spec.macs_budget else "")
+                      + f", widths to multiples of {round_to})") as s:
+        plan = cut(model, scale)
         for w in plan.widths:
             mods = towers.get(w["layer"], set())
             if w["kind"] == "heads":
@@ -114,16 +135,59 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
 
     if spec.recover_steps > 0:
         with step(prefix, f"recover: {spec.recover_steps} distillation steps + BatchNorm re-estimation") as s:
-            losses = distill(model, batches, teacher, spec.recover_steps, spec.recover_lr, f"[{prefix}] distill")
+            pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")}
+            trained = sorted(n for n, mods in towers.items() if mods and mods <= pruned_towers)
+            params = [p for n in trained for p in names_to_modules[n].parameters(recurse=False)]
+            before = kd_loss(model, batches, teacher)
+            saved = copy.deepcopy(model.state_dict())
+            distill(model, batches, teacher, spec.recover_steps, spec.recover_lr, f"[{prefix}] distill",
+                             params)
             facts["bn_reestimated"] = reestimate_batchnorm(model, batches, teacher)
-            facts["distill_loss"] = [round(losses[0], 6), round(losses[-1], 6)]
-            s["note"] = f"loss {losses[0]:.4g} -> {losses[-1]:.4g}"
-        check("recovery")
+            after = kd_loss(model, batches, teacher)
+            facts["trained_towers"] = sorted(pruned_towers)
+            facts["distill_loss"] = [round(before, 6), round(after, 6)]
+            facts["recovery_kept"] = after < before
+            if not facts["recovery_kept"]:
+                model.load_state_dict(saved)
+            s["note"] = (f"loss on the calibration set {before:.4g} -> {after:.4g}, towers trained: "
+                         f"{', '.join(sorted(pruned_towers)) or 'none'}"
+                         + ("" if facts["recovery_kept"] else " (worse: the pruned weights are kept)"))
+        forward_check(model, "recovery")
         if evaluate is not None:
             facts["metric_after_recovery"] = round(evaluate(model), 6)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), facts
+
+
+def _scale_for_budget(model: nn.Module, cut, top_ratio: float, budget: float, macs_before: int, example: tuple,
+                      prefix: str) -> float:
+    """The smallest factor on the recipe's ratios (all 1.0 when none is set) whose pruned copy keeps at
+    most ``macs_budget`` of the MACs, by bisection on copies (Taylor gradients copied along)."""
+    def macs_at(scale: float) -> float:
+        m = copy.deepcopy(model)
+        for pc, p in zip(m.parameters(), model.parameters()):
+            pc.grad = None if p.grad is None else p.grad.clone()
+        cut(m, scale)
+        return count_macs(m, example) / macs_before
+
+    top = MAX_RATIO / top_ratio
+    with step(prefix, f"prune: find the ratio scale for a MACs budget of {budget:g}") as s:
+        best = macs_at(top)
+        if best > budget:
+            raise TargetError(f"prune: macs_budget {budget:g} cannot be met: pruning every prunable "
+                              f"layer by {MAX_RATIO:g} keeps {best:.3f} of the MACs (residual streams, fusion "
+                              "widths and output layers keep their width); raise macs_budget")
+        lo, hi = 0.0, top
+        for _ in range(BUDGET_TRIES):
+            mid = (lo + hi) / 2
+            got = macs_at(mid)
+            if got <= budget:
+                hi, best = mid, got
+            else:
+                lo = mid
+        s["note"] = f"scale {hi:.3f}: {best:.3f} of the MACs kept"
+    return hi
 
 
 def torch_evaluator(specs: Sequence[InputSpec], eval_path: str, reference: np.ndarray, metric: str,

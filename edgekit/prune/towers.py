@@ -35,8 +35,9 @@ def _outputs(model: nn.Module, layers: dict[str, nn.Module], args) -> dict[str, 
 
 
 def layer_modalities(model: nn.Module, specs: Sequence[InputSpec], samples: Sequence[tuple]) -> dict[str, set[str]]:
-    """Layer name -> modalities of the recipe inputs that feed it (needs >= 2 distinct samples)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+    """Layer name -> modalities of the recipe inputs that feed it (needs >= 2 distinct samples). Layers:
+    every module holding parameters of its own (Conv/Linear, and norms and embeddings for recovery)."""
+    layers = {n: m for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None}
     found: dict[str, set[str]] = {n: set() for n in layers}
     base = _outputs(model, layers, samples[0])
     for pos, spec in enumerate(specs):
