@@ -127,8 +127,9 @@ def test_recovery_distills_towards_teacher(tmp_path):
 
 
 def test_recovery_trains_only_pruned_towers_and_keeps_the_better_weights(tmp_path):
-    """Only the pruned tower is trained (an untouched pretrained tower must not drift), and a recovery
-    that makes the model follow the teacher worse (a learning rate far too high) is undone."""
+    """Only the pruned tower is trained (an untouched pretrained tower must not drift), and distillation
+    steps that make the model follow the teacher worse on held-out batches (a learning rate far too
+    high) are undone."""
     model = prune_models.build()
     text_before = {k: v.clone() for k, v in model.block.state_dict().items()}
     pruned, facts = _prune(model, tmp_path, ratio=0.0, ratios={"image": 0.5}, recover_steps=5, recover_lr=1e-3)
@@ -136,7 +137,7 @@ def test_recovery_trains_only_pruned_towers_and_keeps_the_better_weights(tmp_pat
     assert all(torch.equal(v, pruned.block.state_dict()[k]) for k, v in text_before.items())
 
     _, facts = _prune(prune_models.build(), tmp_path, ratio=0.5, recover_steps=5, recover_lr=10.0)
-    assert facts["recovery_kept"] is False and facts["distill_loss"][1] >= facts["distill_loss"][0]
+    assert facts["kept_step"] == 0          # early stopping: every step made the held-out loss worse
 
 
 def test_macs_budget(tmp_path):

@@ -55,18 +55,18 @@ class LiteRtBackend(Backend):
     RuntimeOptions = RuntimeOptions
 
     # The torch model and sample are kept from export_fp32 for quantize (both run in one build worker).
-    _model = None
-    _kwargs: dict = {}
 
     def __init__(self):
         self._converted: dict = {}  # artifact path -> converted PT2E graph (accuracy search)
+        self._sources: dict = {}    # fp32 artifact path -> (named torch model, sample kwargs) it came from
 
     def export_fp32(self, model, args, inputs, out: Path, opts: ExportOptions) -> Artifact:
         litert_torch = self.require("litert_torch")
-        self._model, self._kwargs = _named(model, [i.name for i in inputs], args)
+        named, kwargs = _named(model, [i.name for i in inputs], args)
         path = out / "model_fp32.tflite"
+        self._sources[str(path)] = named, kwargs
         try:
-            litert_torch.convert(self._model, sample_kwargs=self._kwargs).export(str(path))
+            litert_torch.convert(named, sample_kwargs=kwargs).export(str(path))
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"litert_torch.convert failed: {type(e).__name__}: {first_lines(e)}") from None
         return Artifact(path=path, precision="fp32", details={"io": io_details(path)})
@@ -75,14 +75,15 @@ class LiteRtBackend(Backend):
         import torch
 
         litert_torch = self.require("litert_torch")
-        if self._model is None:
-            raise TargetError("litert: quantize needs export_fp32 to run first in the same process")
+        if str(fp32.path) not in self._sources:
+            raise TargetError("litert: quantize needs export_fp32 of this model to run first in the same process")
+        model, kwargs = self._sources[str(fp32.path)]
         path = out / f"model_{opts.precision}.tflite"
         if opts.precision == "fp16":
             from litert_torch.generative.quantize import quant_recipes
 
             try:
-                litert_torch.convert(self._model, sample_kwargs=self._kwargs,
+                litert_torch.convert(model, sample_kwargs=kwargs,
                                      quant_config=quant_recipes.full_fp16_recipe()).export(str(path))
             except Exception as e:  # noqa: BLE001
                 raise TargetError(f"litert fp16 conversion failed: {type(e).__name__}: {first_lines(e)}") from None
@@ -95,15 +96,15 @@ class LiteRtBackend(Backend):
 
         prepare_pt2e, convert_pt2e = _pt2e()
         quantizer = make_quantizer(opts.per_channel, opts.fuse_conv_hardtanh, opts.float_modules)
-        names = list(self._kwargs)
+        names = list(kwargs)
         try:
-            gm = prepare_pt2e(torch.export.export(self._model, (), self._kwargs).module(), quantizer)
+            gm = prepare_pt2e(torch.export.export(model, (), kwargs).module(), quantizer)
             with torch.no_grad():
                 for sample in bar(calibration, len(calibration), "calibrate"):
                     gm(**{n: torch.from_numpy(v) for n, v in zip(names, sample.values())})
             gm = convert_pt2e(gm, fold_quantize=False)
             self._converted[str(path)] = gm  # for the accuracy search's sensitivity pass
-            litert_torch.convert(gm, sample_kwargs=self._kwargs,
+            litert_torch.convert(gm, sample_kwargs=kwargs,
                                  quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"litert PT2E int8 failed: {type(e).__name__}: {first_lines(e)}") from None

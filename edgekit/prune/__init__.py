@@ -58,6 +58,7 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     samples = [example_inputs(specs, calib.sample(i)) for i in range(len(calib))]
     batches = make_batches(model, samples, spec.batch_size)
     teacher = outputs_of(model, batches)
+    teacher_model = copy.deepcopy(model) if spec.recover_steps > 0 else None
     facts: dict = {"ratio": spec.ratio, "ratios": dict(spec.ratios), "round_to": round_to,
                    "recover_steps": spec.recover_steps, "params_before": count_params(model)}
 
@@ -138,18 +139,24 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
             pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")}
             trained = sorted(n for n, mods in towers.items() if mods and mods <= pruned_towers)
             params = [p for n in trained for p in names_to_modules[n].parameters(recurse=False)]
-            before = kd_loss(model, batches, teacher)
+            # every 5th batch is held out (early stopping, and the keep-if-better judgement)
+            held = [i for i in range(len(batches)) if i % 5 == 4] or [0]
+            train = [b for i, b in enumerate(batches) if i not in held] or batches
+            held_b, held_t = [batches[i] for i in held], [teacher[i] for i in held]
+            groups = [[i for i, sp in enumerate(specs) if sp.modality == m]
+                      for m in dict.fromkeys(sp.modality for sp in specs)]
+            before = kd_loss(model, held_b, held_t)
             saved = copy.deepcopy(model.state_dict())
-            distill(model, batches, teacher, spec.recover_steps, spec.recover_lr, f"[{prefix}] distill",
-                             params)
-            facts["bn_reestimated"] = reestimate_batchnorm(model, batches, teacher)
-            after = kd_loss(model, batches, teacher)
+            facts.update(distill(model, train, teacher_model, spec.recover_steps, spec.recover_lr,
+                                 f"[{prefix}] distill", params, groups, held_b, held_t))
+            facts["bn_reestimated"] = reestimate_batchnorm(model, batches, held_b, held_t)
+            after = kd_loss(model, held_b, held_t)
             facts["trained_towers"] = sorted(pruned_towers)
             facts["distill_loss"] = [round(before, 6), round(after, 6)]
             facts["recovery_kept"] = after < before
             if not facts["recovery_kept"]:
                 model.load_state_dict(saved)
-            s["note"] = (f"loss on the calibration set {before:.4g} -> {after:.4g}, towers trained: "
+            s["note"] = (f"held-out loss {before:.4g} -> {after:.4g}, towers trained: "
                          f"{', '.join(sorted(pruned_towers)) or 'none'}"
                          + ("" if facts["recovery_kept"] else " (worse: the pruned weights are kept)"))
         forward_check(model, "recovery")
