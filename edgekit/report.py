@@ -62,13 +62,15 @@ def prune_markdown(row: dict, metric: str) -> list[str]:
     chans = [w for w in pr["widths"] if w["kind"] == "channels"]
     lines = [f"- **pruning** (ratio {pr['ratio']}, per tower {pr['ratios'] or '—'}, widths multiples of "
              f"{pr['round_to']}, {pr['recover_steps']} distillation steps): params {pr['params_before'] / 1e6:.2f} M → "
-             f"{pr['params_after'] / 1e6:.2f} M, MACs {pr['macs_before'] / 1e6:.1f} M → {pr['macs_after'] / 1e6:.1f} M; "
-             f"{metric} in torch: pruned {f('metric_after_prune')} → recovered "
+             f"{pr['params_after'] / 1e6:.2f} M, MACs {pr['macs_before'] / 1e6:.1f} M → {pr['macs_after'] / 1e6:.1f} M"
+             + (f" (MACs budget {pr['macs_budget']:g}: ratios ×{pr['ratio_scale']:g})" if pr.get("macs_budget") else "")
+             + f"; {metric} in torch: pruned {f('metric_after_prune')} → recovered "
              f"{f('metric_after_recovery')} → quantized {f('metric_after_quantize')}"]
     if pr.get("latency_p50_ms"):
         lat = pr["latency_p50_ms"]
-        lines.append(f"- pruning's latency effect here: int8 unpruned p50 {lat['int8_unpruned']:.3f} ms → pruned int8 "
-                     f"{lat['pruned_int8']:.3f} ms (**{pr['speedup_vs_int8_unpruned']:.2f}×**)")
+        lines.append(f"- pruning's latency effect here (same quantization options): int8 unpruned p50 "
+                     f"{lat['int8_unpruned']:.3f} ms → pruned int8 {lat['pruned_int8']:.3f} ms "
+                     f"(**{pr['speedup_vs_int8_unpruned']:.2f}×**)")
     if heads:
         lines.append("- heads kept: " + ", ".join(f"`{w['layer']}` {w['before']}→{w['after']}" for w in heads))
     if chans:

@@ -58,7 +58,6 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     samples = [example_inputs(specs, calib.sample(i)) for i in range(len(calib))]
     batches = make_batches(model, samples, spec.batch_size)
     teacher = outputs_of(model, batches)
-    teacher_model = copy.deepcopy(model) if spec.recover_steps > 0 else None
     facts: dict = {"ratio": spec.ratio, "ratios": dict(spec.ratios), "round_to": round_to,
                    "recover_steps": spec.recover_steps, "params_before": count_params(model)}
 
@@ -141,14 +140,12 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
             params = [p for n in trained for p in names_to_modules[n].parameters(recurse=False)]
             # every 5th batch is held out (early stopping, and the keep-if-better judgement)
             held = [i for i in range(len(batches)) if i % 5 == 4] or [0]
-            train = [b for i, b in enumerate(batches) if i not in held] or batches
+            train = [i for i in range(len(batches)) if i not in held] or held
             held_b, held_t = [batches[i] for i in held], [teacher[i] for i in held]
-            groups = [[i for i, sp in enumerate(specs) if sp.modality == m]
-                      for m in dict.fromkeys(sp.modality for sp in specs)]
             before = kd_loss(model, held_b, held_t)
             saved = copy.deepcopy(model.state_dict())
-            facts.update(distill(model, train, teacher_model, spec.recover_steps, spec.recover_lr,
-                                 f"[{prefix}] distill", params, groups, held_b, held_t))
+            facts.update(distill(model, [batches[i] for i in train], [teacher[i] for i in train],
+                                 spec.recover_steps, spec.recover_lr, f"[{prefix}] distill", params, held_b, held_t))
             facts["bn_reestimated"] = reestimate_batchnorm(model, batches, held_b, held_t)
             after = kd_loss(model, held_b, held_t)
             facts["trained_towers"] = sorted(pruned_towers)

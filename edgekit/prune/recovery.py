@@ -2,9 +2,9 @@
 re-estimation, both on the calibration inputs only.
 
 Distillation: ``recover_steps`` Adam steps (cosine-decayed learning rate) on the mean squared error
-between the pruned model's output and the teacher's, scaled by the teacher outputs' mean square so
-the learning rate does not depend on the output's scale; modalities re-paired across samples, and
-early-stopped on held-out calibration batches (see :func:`distill`). Only the towers
+between the pruned model's output and the teacher's (precomputed once), scaled by the teacher
+outputs' mean square so the learning rate does not depend on the output's scale, early-stopped on
+held-out calibration batches (see :func:`distill`). Only the towers
 that were pruned are trained: Adam moves every parameter it is given by about ``lr`` a step whatever
 its gradient, which on the demo drifted an untouched pretrained tower (distillation loss 0.013 ->
 0.097 when only the text tower was pruned). Dropout stays off (eval mode) and BatchNorm uses its
@@ -24,15 +24,12 @@ from edgekit.model import first_output
 from edgekit.progress import bar, say
 
 
-def distill(model: nn.Module, batches: Sequence[tuple], teacher: nn.Module, steps: int, lr: float, desc: str,
-            params: Sequence[nn.Parameter], groups: Sequence[Sequence[int]], held: Sequence[tuple],
+def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.Tensor], steps: int, lr: float,
+            desc: str, params: Sequence[nn.Parameter], held: Sequence[tuple],
             held_teacher: Sequence[torch.Tensor]) -> dict:
-    """``steps`` Adam steps on ``params`` cycling over ``batches``, the teacher run on the same inputs.
-    Each batch's modalities are re-paired at random (``groups``: the argument positions of each
-    modality, e.g. input_ids + attention_mask together): N calibration samples give N² real-looking
-    input pairs to distil on, where N alone is memorised (the tiny example reached a calibration loss
-    of 1e-4 with its evaluation cosine stuck at 0.97). The state with the lowest loss on the ``held``
-    batches (real pairs) is kept: early stopping. Returns the held-out losses and the step kept."""
+    """``steps`` Adam steps on ``params`` cycling over ``batches``. The state with the lowest loss on
+    the ``held`` batches is kept (early stopping: on the tiny example the calibration loss reached
+    1e-5 while the held-out loss stalled at 0.04). Returns the held-out losses and the step kept."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -40,23 +37,15 @@ def distill(model: nn.Module, batches: Sequence[tuple], teacher: nn.Module, step
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    gen = torch.Generator().manual_seed(0)
+    scale = [t.float().pow(2).mean().clamp(min=1e-12) for t in teacher]
     every = max(1, steps // 10)
     best, best_step, best_state = kd_loss(model, held, held_teacher), 0, [p.detach().clone() for p in params]
     curve = [(0, best)]
     cycle = itertools.cycle(range(len(batches)))
     with torch.enable_grad():
         for k in bar(range(1, steps + 1), steps, desc):
-            args = list(batches[next(cycle)])
-            n = args[0].shape[0]
-            for g in groups[1:]:                   # the first modality stays, the others are re-paired
-                perm = torch.randperm(n, generator=gen)
-                for pos in g:
-                    args[pos] = args[pos][perm]
-            with torch.no_grad():
-                target = first_output(teacher(*args)).float()
-            out = first_output(model(*args)).float()
-            loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+            i = next(cycle)
+            loss = (first_output(model(*batches[i])).float() - teacher[i].float()).pow(2).mean() / scale[i]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
