@@ -41,3 +41,21 @@ def test_fake_quant_weight_is_symmetric_int8_per_output_channel():
     assert torch.allclose(q[0], w[0], atol=1 / 127)   # row 0 keeps its own scale
     assert q[1, 1] == 0 and q[1, 0] == 1000.0         # row 1's scale is 1000/127: 1.0 rounds to 0
     assert torch.equal(fake_quant_weight(w, per_channel=False)[0], torch.zeros(3))
+
+
+def test_litert_search_first_step_keeps_weak_weight_layers_in_float_and_fuses_hardtanh(tmp_path):
+    from types import SimpleNamespace
+
+    from edgekit.backends import litert_search
+    from edgekit.backends.litert import LiteRtBackend, QuantizeOptions, _named
+    from edgekit.data import SampleSet
+
+    backend = LiteRtBackend()
+    backend._model, backend._kwargs = _named(Probe().eval(), ["x"], (torch.zeros(1, 1, 8, 8),))
+    rng = np.random.default_rng(0)
+    calib = SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
+    first = next(litert_search.candidates(backend, None, QuantizeOptions(), SimpleNamespace(target="t",
+                                                                                            calibration=calib)))
+    assert first.opts.float_modules == ["inner.head"] == first.kept_float   # names as float_modules takes them
+    assert first.opts.fuse_conv_hardtanh
+    assert "weight SQNR" in first.label and "hardtanh" in first.label
