@@ -47,14 +47,16 @@ def test_litert_search_first_step_keeps_weak_weight_layers_in_float_and_fuses_ha
     from types import SimpleNamespace
 
     from edgekit.backends import litert_search
+    from edgekit.backends.base import Artifact
     from edgekit.backends.litert import LiteRtBackend, QuantizeOptions, _named
     from edgekit.data import SampleSet
 
     backend = LiteRtBackend()
-    backend._model, backend._kwargs = _named(Probe().eval(), ["x"], (torch.zeros(1, 1, 8, 8),))
+    fp32 = Artifact(path=tmp_path / "model_fp32.tflite", precision="fp32")
+    backend._sources[str(fp32.path)] = _named(Probe().eval(), ["x"], (torch.zeros(1, 1, 8, 8),))
     rng = np.random.default_rng(0)
     calib = SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
-    first = next(litert_search.candidates(backend, None, QuantizeOptions(), SimpleNamespace(target="t",
+    first = next(litert_search.candidates(backend, fp32, QuantizeOptions(), SimpleNamespace(target="t",
                                                                                             calibration=calib)))
     assert first.opts.float_modules == ["inner.head"] == first.kept_float   # names as float_modules takes them
     assert first.opts.fuse_conv_hardtanh

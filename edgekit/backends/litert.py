@@ -115,6 +115,10 @@ class LiteRtBackend(Backend):
                                  "fuse_conv_hardtanh": opts.fuse_conv_hardtanh, "float_modules": opts.float_modules,
                                  "io": io_details(path)})
 
+    def source_model(self, fp32: Artifact):
+        """The (input-named) torch model ``fp32`` was exported from in this process, or None."""
+        return self._sources.get(str(fp32.path), (None, None))[0]
+
     def search_candidates(self, fp32: Artifact, opts: QuantizeOptions, ctx):
         from edgekit.backends import litert_search
 

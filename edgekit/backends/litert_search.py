@@ -138,7 +138,7 @@ def candidates(backend, fp32, opts, ctx) -> Iterator:
     # tower digit accuracy 0.414 default, 0.834 with its probe in float, 0.944 with hardtanh fused too
     # (fp32 0.948); the fusion alone, with the probe still int8, gave 0.362.
     base = opts
-    weak = weak_weight_layers(backend._model, ctx.calibration, opts.per_channel)
+    weak = weak_weight_layers(backend.source_model(fp32), ctx.calibration, opts.per_channel)
     update: dict = {}
     steps = []
     if weak:
