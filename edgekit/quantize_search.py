@@ -63,8 +63,9 @@ class SearchContext:
 
     def __init__(self, *, target: str, backend, runtime, calibration, samples: list[dict],
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
-                 time_budget_s: float, max_steps: int = 12, timing_runs: int = 15):
+                 time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None):
         self.target, self.backend, self.runtime = target, backend, runtime
+        self.model = model  # the torch model the fp32 artifact came from (weight-sensitivity pass), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
         self.fp32_metric = score(metric, reference, reference, labels)

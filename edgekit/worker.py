@@ -72,7 +72,8 @@ def build(job: dict) -> dict:
         if job.get("search"):  # accuracy-aware search on what ships (the pruned model, if pruned)
             try:
                 opt, result["quantize_search"], chosen = _search(job["search"], recipe, profile, backend, q_fp32,
-                                                                 opt, quant_opts, calib, q_out)
+                                                                 opt, quant_opts, calib, q_out,
+                                                                 model if pruned is None else pruned)
                 result["timings"]["quantize_search_s"] = result["quantize_search"]["search_s"]
                 if pruned is not None and chosen != quant_opts:
                     _unpruned_like_shipped(result, backend, fp32, calib, out, chosen, profile.name)
@@ -88,7 +89,7 @@ def build(job: dict) -> dict:
     return result
 
 
-def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, out: Path):
+def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, out: Path, model):
     """Accuracy-aware quantization (edgekit.quantize_search): score ``opt``, search if it misses."""
     from edgekit.data import load_evaluation
     from edgekit.quantize_search import SearchContext, search
@@ -101,7 +102,7 @@ def _search(spec: dict, recipe, profile, backend, fp32, opt, quant_opts, calib, 
     ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
                         samples=[evals.sample(i) for i in range(n)], reference=reference, labels=labels,
                         metric=recipe.data.metric, max_drop=spec["max_drop"],
-                        time_budget_s=spec["time_budget_s"], max_steps=spec["max_steps"])
+                        time_budget_s=spec["time_budget_s"], max_steps=spec["max_steps"], model=model)
     art, outcome = search(ctx, fp32, opt, quant_opts, out, lambda c: backend.search_candidates(fp32, quant_opts, c))
     return art, outcome, ctx.best.candidate.opts
 

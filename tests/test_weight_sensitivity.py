@@ -61,3 +61,29 @@ def test_litert_search_first_step_keeps_weak_weight_layers_in_float_and_fuses_ha
     assert first.opts.float_modules == ["inner.head"] == first.kept_float   # names as float_modules takes them
     assert first.opts.fuse_conv_hardtanh
     assert "weight SQNR" in first.label and "hardtanh" in first.label
+
+
+def test_ort_search_first_step_keeps_the_weak_layer_nodes_in_float(tmp_path):
+    """ONNX Runtime: the weak torch layer is found in the exported graph by the exporter's name scopes and
+    its nodes are excluded from quantization in the search's first step; the healthy ones stay int8."""
+    from types import SimpleNamespace
+
+    from edgekit.backends import ort_search
+    from edgekit.backends.onnxruntime import ExportOptions, OnnxRuntimeBackend, QuantizeOptions
+    from edgekit.data import SampleSet
+    from edgekit.recipe import InputSpec
+
+    rng = np.random.default_rng(0)
+    calib = SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
+    model, backend = Probe().eval(), OnnxRuntimeBackend()
+    fp32 = backend.export_fp32(model, (torch.zeros(1, 1, 8, 8),), [InputSpec(name="x", shape=[1, 1, 8, 8], dtype="float32")],
+                               tmp_path, ExportOptions())
+    opts = QuantizeOptions(op_types=["Conv", "MatMul", "Gemm"])
+    first = backend.quantize(fp32, calib, tmp_path, opts)
+    ctx = SimpleNamespace(target="t", calibration=calib, model=model,
+                          best=SimpleNamespace(artifact=first, candidate=SimpleNamespace(opts=opts)))
+    step = next(ort_search.candidates(fp32, opts, ctx))
+    excluded = step.opts.nodes_to_exclude
+    assert excluded and "weight SQNR" in step.label
+    assert excluded == ort_search.nodes_of_modules(fp32.path, first.path, ["head"])
+    assert not set(excluded) & set(ort_search.nodes_of_modules(fp32.path, first.path, ["good", "conv"]))

@@ -20,13 +20,6 @@ import numpy as np
 
 from edgekit.progress import say
 
-WEIGHT_SQNR_DB = 20.0
-"""A Conv/Linear whose output with int8 weights (the target's per-channel/per-tensor symmetric scheme, fp32
-inputs) has an SQNR under this is kept in float by the search's first step. Measured on mnist_bbc: the two
-linear probes (standardisation folded into the weights: per-row max/median up to 6e4) 2.1 and 10.8 dB,
-every other of its 88 layers >= 37.6 dB per-channel."""
-
-
 def _module_of(node) -> str | None:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -138,14 +131,16 @@ def candidates(backend, fp32, opts, ctx) -> Iterator:
     # tower digit accuracy 0.414 default, 0.834 with its probe in float, 0.944 with hardtanh fused too
     # (fp32 0.948); the fusion alone, with the probe still int8, gave 0.362.
     base = opts
-    weak = weak_weight_layers(backend.source_model(fp32), ctx.calibration, opts.per_channel)
+    from edgekit.weight_sensitivity import WEAK_DB, weak_layers
+
+    weak = weak_layers(backend.source_model(fp32), ctx.calibration, opts.per_channel)  # names under the wrapper
     update: dict = {}
     steps = []
     if weak:
         say(f"[{ctx.target}] quantize search: layers whose int8 weights break their output (SQNR dB): "
             + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
         update["float_modules"] = sorted(set(opts.float_modules) | {m for m, _ in weak})
-        steps.append(f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEIGHT_SQNR_DB:g} dB) "
+        steps.append(f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB) "
                      f"in float")
     if not opts.fuse_conv_hardtanh:
         update["fuse_conv_hardtanh"] = True
@@ -175,14 +170,3 @@ def candidates(backend, fp32, opts, ctx) -> Iterator:
             return
         k *= 2
 
-
-def weak_weight_layers(model, calibration, per_channel: bool, samples: int = 4) -> list[tuple[str, float]]:
-    """Conv/Linear modules of ``model`` (names as ``float_modules`` takes them) whose int8 weights leave
-    their output under ``WEIGHT_SQNR_DB``, worst first."""
-    if model is None:
-        return []
-    from edgekit.weight_sensitivity import weight_sensitivity
-
-    ranked = weight_sensitivity(model, [calibration.sample(i) for i in range(min(samples, len(calibration)))],
-                                per_channel)
-    return [(m, v) for m, v in ranked if v < WEIGHT_SQNR_DB]

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +71,25 @@ def nodes_touching(model_path: Path, tensors: list[str], op_types) -> list[str]:
                    and tset.intersection(list(n.input) + list(n.output))})
 
 
+def nodes_of_modules(fp32_path: Path, qdq_path: Path, modules: list[str]) -> list[str]:
+    """Names of the nodes of the quantized graph that come from the torch ``modules`` (by the exporter's
+    ``pkg.torch.onnx.name_scopes`` metadata on the fp32 graph; ORT's pre-processing keeps a fused node's
+    name as a prefix, e.g. ``node_MatMul_7/MatMulAddFusion``)."""
+    import onnx
+
+    if not modules:
+        return []
+    wanted = {f"'{m}'" for m in modules}
+    names = set()
+    for n in onnx.load(str(fp32_path), load_external_data=False).graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if any(w in scopes for w in wanted):
+            names.add(n.name)
+    qdq = onnx.load(str(qdq_path), load_external_data=False).graph.node
+    return sorted({n.name for n in qdq if n.name and n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                   and (n.name in names or n.name.split("/")[0] in names)})
+
+
 def activation_sensitivity(qdq_path: Path, calibration, samples: int = 8) -> list[tuple[str, float]]:
     """ORT's qdq_loss_debug: every quantized activation before and after its QuantizeLinear /
     DequantizeLinear pair on calibration inputs; ``channel_sqnr`` of each, worst first."""
@@ -102,10 +120,28 @@ def candidates(fp32, opts, ctx) -> Iterator:
     base = opts
     import onnx
 
+    # Step 1, both fixes that need no sensitivity pass, in one build: Clip (ReLU6) quantized with its
+    # conv, and the layers whose int8 weights break their output (edgekit.weight_sensitivity; the
+    # activation ranking below cannot see weight rounding) kept in float.
+    from edgekit.weight_sensitivity import WEAK_DB, weak_layers
+
     has_clip = any(n.op_type == "Clip" for n in onnx.load(str(fp32.path), load_external_data=False).graph.node)
+    update: dict = {}
+    labels = []
     if op_types is not None and "Clip" not in op_types and has_clip:
-        base = opts.model_copy(update={"op_types": list(op_types) + ["Clip"]})
-        yield Candidate("quantize Clip (ReLU6) too, fused with its conv", base)
+        update["op_types"] = list(op_types) + ["Clip"]
+        labels.append("quantize Clip (ReLU6) too, fused with its conv")
+    weak = weak_layers(ctx.model, ctx.calibration, opts.per_channel)
+    nodes = nodes_of_modules(Path(fp32.path), Path(ctx.best.artifact.path), [m for m, _ in weak])
+    if nodes:
+        say(f"[{ctx.target}] quantize search: layers whose int8 weights break their output (SQNR dB): "
+            + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
+        update["nodes_to_exclude"] = sorted(set(opts.nodes_to_exclude) | set(nodes))
+        labels.append(f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB) in "
+                      f"float ({len(nodes)} nodes)")
+    if update:
+        base = opts.model_copy(update=update)
+        yield Candidate(" + ".join(labels), base, kept_float=list(base.nodes_to_exclude))
     # Greedy and re-measured: rank the activations of the latest artifact (the best one at first), keep
     # in float the nodes around its k worst, k = 1, 2, 4, ...; re-ranking after each step matters, as
     # damage hides downstream damage (a tensor already rounded to zero quantizes "exactly").
