@@ -10,7 +10,9 @@ What a key covers (sha256 of a canonical JSON document, see ``build_key``):
   (``file.py`` or ``.pt2``). Files the source imports are not hashed: change the source file or the
   weights, or run with ``--no-cache``, when only a helper module changed;
 - the calibration and evaluation ``.npz`` files (sha256 of their bytes), the target profile file;
-- edgekit's version, Python, torch, numpy and the backend's toolchain versions.
+- edgekit's version and the sha256 of its own source files (a development checkout changes code
+  without changing its version: a stale build must not be served), Python, torch, numpy and the
+  backend's toolchain versions.
 
 Entries are written into ``<cache>/tmp/`` and renamed into place (``os.rename`` of a directory is
 atomic on one file system), so a crash leaves at most an orphan in ``tmp/``, never a half entry.
@@ -32,6 +34,7 @@ from typing import Callable, Optional
 from edgekit import __version__
 
 _HASH_CACHE: dict[tuple, str] = {}
+_SOURCE: dict[str, str] = {}
 
 
 def default_root() -> Path:
@@ -72,13 +75,24 @@ def model_digest(model, source_file: Optional[Path]) -> str:
     return h.hexdigest()
 
 
+def source_digest() -> str:
+    """sha256 of edgekit's own ``.py`` files (paths and bytes), computed once per process."""
+    if "source" not in _SOURCE:
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+        _SOURCE["source"] = h.hexdigest()
+    return _SOURCE["source"]
+
+
 def environment() -> dict:
     """Versions that can change an artifact without any input changing."""
     import numpy
     import torch
 
-    return {"edgekit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "arch": platform.machine()}
+    return {"edgekit": __version__, "edgekit_source": source_digest(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "arch": platform.machine()}
 
 
 def _hash_paths(obj):

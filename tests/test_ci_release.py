@@ -272,6 +272,14 @@ def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workd
     assert key() == k0 and Keys.for_run(recipe, model, calib, evals).build({**job, "out": "/y"}, prof,
                                                                             {"onnxruntime": "1"}) == k0
     assert key(versions={"onnxruntime": "2"}) != k0
+    import edgekit.cache as cache
+
+    real = cache.source_digest()
+    cache._SOURCE["source"] = "edited"       # edgekit's own code changed, its version did not
+    try:
+        assert key() != k0
+    finally:
+        cache._SOURCE["source"] = real
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert key() != k0
