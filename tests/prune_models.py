@@ -1,5 +1,6 @@
-"""Small models for tests/test_prune.py: hand-written q/k/v attention with a residual stream, and two
-towers fused by torch.cat (the shapes that broke Torch-Pruning without protection)."""
+"""Small models for tests/test_prune.py: hand-written q/k/v attention with a residual stream, two
+towers fused by torch.cat, and two fusions that Torch-Pruning's dependency graph alone breaks
+(measured: the forward fails after pruning one of their groups)."""
 from __future__ import annotations
 
 import torch
@@ -57,3 +58,50 @@ class Fused(nn.Module):
 def build() -> nn.Module:
     torch.manual_seed(0)
     return Fused().eval()
+
+
+class _Towers(nn.Module):
+    """A conv image tower and an embedding + Linear text tower, each giving a ``dim`` vector."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.image = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, dim))
+        self.tok = nn.Embedding(VOCAB, 48)
+        self.text = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, dim))
+
+    def text_vector(self, input_ids, attention_mask):
+        t = self.text(self.tok(input_ids))
+        m = attention_mask.unsqueeze(-1).to(t.dtype)
+        return (t * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class StackedTokens(_Towers):
+    """The two tower embeddings stacked as a 2-token sequence, mixed per token, flattened into the head."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(2 * dim, 10)
+
+    def forward(self, image, input_ids, attention_mask):
+        x = torch.stack([self.image(image), self.text_vector(input_ids, attention_mask)], dim=1)
+        return self.head(torch.relu(self.mix(x)).flatten(1))
+
+
+class Bilinear(_Towers):
+    """Bilinear pooling: the outer product of the two embeddings (narrowed first), flattened into the head."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__(dim)
+        self.pi, self.pt = nn.Linear(dim, 16), nn.Linear(dim, 16)
+        self.head = nn.Linear(16 * 16, 10)
+
+    def forward(self, image, input_ids, attention_mask):
+        a, b = self.pi(self.image(image)), self.pt(self.text_vector(input_ids, attention_mask))
+        return self.head((a.unsqueeze(2) * b.unsqueeze(1)).flatten(1))
+
+
+def fusion(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return {"stacked_tokens": StackedTokens, "bilinear": Bilinear}[name]().eval()

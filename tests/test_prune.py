@@ -112,6 +112,34 @@ def test_broken_forward_names_the_layer(tmp_path, monkeypatch):
         _prune(prune_models.build(), tmp_path, ratio=0.5)
 
 
+@pytest.mark.parametrize("name, fusion_layer, why", [
+    ("stacked_tokens", "mix", "fusion: token features flattened"),
+    ("bilinear", "p[it]", "fusion: image and text channels coupled"),
+])
+def test_fusion_that_breaks_without_protection(tmp_path, monkeypatch, name, fusion_layer, why):
+    """Two fusions Torch-Pruning alone gets wrong: the tower embeddings stacked as two tokens, mixed and
+    flattened into the head; bilinear pooling (outer product). With the protection the towers are
+    pruned and the fusion widths kept; without it the forward breaks at the fusion, and the error
+    names that layer."""
+    import edgekit.prune.pruner as pruner
+
+    model = prune_models.fusion(name)
+    r, calib = _setup(tmp_path)
+    args = tuple(torch.from_numpy(calib.sample(0)[s.name]) for s in r.model.inputs)
+    ref = model(*args)
+    pruned, facts = _prune(model, tmp_path, ratio=0.5)
+    assert pruned(*args).shape == ref.shape
+    assert facts["protected"][why] >= 1
+    towers = {w["tower"] for w in facts["widths"]}
+    assert {"image", "text"} <= towers                  # both towers still lose width
+    assert pruned.image[0].out_channels == 16 and pruned.text[0].out_features == 48
+    assert pruned.head.in_features == prune_models.fusion(name).head.in_features
+
+    monkeypatch.setattr(pruner, "fusion_blocker", lambda *a: None)
+    with pytest.raises(TargetError, match=rf"forward broke after pruning output channels of {fusion_layer} "):
+        _prune(prune_models.fusion(name), tmp_path, ratio=0.5)
+
+
 def test_recovery_distills_towards_teacher(tmp_path):
     from edgekit.prune import make_batches, outputs_of
     from edgekit.prune.recovery import kd_loss

@@ -108,7 +108,7 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
         plan, m_names, m_heads = Plan(), {x: n for n, x in m.named_modules()}, find_heads(m)
         prune_heads_all(m_heads, m_names, ratio_of, round_to, check, plan)
         prune_channels(m, samples[0], m_names, ratio_of, round_to, {lin for h in m_heads for lin in h.linears},
-                       check, plan)
+                       check, plan, towers)
         m.zero_grad(set_to_none=True)
         return plan
 

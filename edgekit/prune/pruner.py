@@ -6,6 +6,9 @@ them) is either pruned as a whole or left alone:
 - left alone when it reaches a residual addition, a concatenation/split (a fusion), an embedding, a
   normalisation over the feature axis (LayerNorm/GroupNorm: the residual stream of a transformer) or
   an attention projection (heads are pruned as units, in :mod:`edgekit.prune.attention`);
+- left alone when it is a fusion (:func:`fusion_blocker`): layers of two towers coupled channel by
+  channel (an elementwise product of the towers, gating, bilinear pooling), or token features
+  flattened into one vector (tower embeddings stacked as tokens, then flattened);
 - otherwise its width ``n`` becomes ``round_to``-aligned ``round(n·(1-ratio))`` (at least ``round_to``),
   ``ratio`` being the ratio of the group's tower (from :mod:`edgekit.prune.towers`), and the channels
   with the lowest Taylor importance go.
@@ -29,6 +32,7 @@ from edgekit.prune.attention import Heads, head_scores, prune_heads
 RESIDUAL_OPS = re.compile(r"\b(Add|Sub|Rsub)Backward\d")   # not AddmmBackward (a Linear's bias)
 BLOCKING_OPS = {"_OutputOp": "model output", "_ConcatOp": "concatenation (fusion)", "_SplitOp": "split", "_UnbindOp": "split",
                 "_ExpandOp": "expand"}
+LAYER_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
 
 @dataclass
@@ -83,20 +87,69 @@ def blocker(group, protected: dict) -> Optional[str]:
     return None
 
 
+def fusion_blocker(group, names: dict, towers: dict[str, set[str]], token_linears: set) -> Optional[str]:
+    """Why this group is a fusion whose width must stay, or None; told apart with the towers found from
+    the data. Without this, both fusions of ``tests/prune_models.py`` break the forward after pruning
+    (Torch-Pruning 1.6.1):
+
+    - layers of two different towers in one group: their features are coupled channel by channel
+      (``a * b``, ``x * gate(t)``, bilinear pooling ``a[:, :, None] * b[:, None, :]``); kept whole, so
+      that no tower's width is decided by the other's. For bilinear pooling Torch-Pruning couples the
+      two sides index by index, which is wrong: the forward breaks;
+    - a reshape in the group fed by a Linear whose output has a token axis ((B, T, D) -> (B, T*D)):
+      Torch-Pruning maps a flattened index channel-major (right for NCHW conv maps, wrong for
+      token-major features), which is what stacking the towers' embeddings as tokens and flattening
+      them into the head does.
+    """
+    from torch_pruning import ops
+
+    layers = [dep.target.module for dep, _ in group if isinstance(dep.target.module, LAYER_TYPES)]
+    single = set()
+    for m in layers:
+        mods = towers.get(names.get(m, ""), set())
+        if len(mods) == 1:
+            single |= mods
+    if len(single) >= 2:
+        return "fusion: " + " and ".join(sorted(single)) + " channels coupled"
+    if any(isinstance(dep.target.module, ops._ReshapeOp) for dep, _ in group):
+        out_widths = {m.out_features for m in layers if m in token_linears}
+        consumers = [dep.target.module for dep, _ in group if isinstance(dep.target.module, LAYER_TYPES)
+                     and "in_channels" in getattr(dep.handler, "__name__", "")]
+        in_widths = {c.in_features if isinstance(c, nn.Linear) else c.in_channels for c in consumers}
+        if out_widths and in_widths - out_widths:
+            return "fusion: token features flattened"
+    return None
+
+
+def token_linears(model: nn.Module, example: tuple) -> set:
+    """Linear layers whose output on ``example`` has a token axis (3-D or more)."""
+    found, hooks = set(), []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, _i, out: found.add(mod) if isinstance(out, torch.Tensor) and out.dim() >= 3 else None))
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 def output_layers(dg) -> set:
     """Conv/Linear layers whose output reaches a model output without passing another Conv/Linear:
     their width is the model's output width (the dependency graph puts no output op in their group)."""
-    layer_types = (nn.Conv2d, nn.Conv1d, nn.Linear)
     found = set()
     for m, node in dg.module2node.items():
-        if not isinstance(m, layer_types):
+        if not isinstance(m, LAYER_TYPES):
             continue
         stack, seen = list(node.outputs), set()
         if not stack:
             found.add(m)
         while stack:
             n = stack.pop()
-            if id(n) in seen or isinstance(n.module, layer_types):
+            if id(n) in seen or isinstance(n.module, LAYER_TYPES):
                 continue
             seen.add(id(n))
             if not n.outputs:
@@ -123,8 +176,9 @@ def prune_heads_all(heads: list[Heads], names: dict, ratio_of: Callable[[str], f
 
 
 def prune_channels(model: nn.Module, example: tuple, names: dict, ratio_of: Callable[[str], float], round_to: int,
-                   protected: set, check: Callable[[str], None], plan: Plan) -> None:
-    """Prune every unprotected Conv/Linear output group of ``model`` (gradients must be in ``.grad``)."""
+                   protected: set, check: Callable[[str], None], plan: Plan, towers: dict[str, set[str]]) -> None:
+    """Prune every unprotected Conv/Linear output group of ``model`` (gradients must be in ``.grad``);
+    ``towers``: layer name -> modalities feeding it (:func:`edgekit.prune.towers.layer_modalities`)."""
     import torch_pruning as tp
 
     try:
@@ -136,10 +190,11 @@ def prune_channels(model: nn.Module, example: tuple, names: dict, ratio_of: Call
     imp = tp.importance.GroupTaylorImportance()
     protected = {**{m: "model output" for m in output_layers(dg)},
                  **{m: "attention projection (pruned by heads)" for m in protected}}
+    tokens = token_linears(model, example)
     todo = []
-    for group in dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Conv1d, nn.Linear]):
+    for group in dg.get_all_groups(root_module_types=list(LAYER_TYPES)):
         root = group[0].dep.target.module
-        why = blocker(group, protected)
+        why = blocker(group, protected) or fusion_blocker(group, names, towers, tokens)
         if why:
             plan.protected[why] = plan.protected.get(why, 0) + 1
             continue
