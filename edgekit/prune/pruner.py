@@ -123,18 +123,10 @@ def fusion_blocker(group, names: dict, towers: dict[str, set[str]], token_linear
 
 def token_linears(model: nn.Module, example: tuple) -> set:
     """Linear layers whose output on ``example`` has a token axis (3-D or more)."""
-    found, hooks = set(), []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda mod, _i, out: found.add(mod) if isinstance(out, torch.Tensor) and out.dim() >= 3 else None))
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
+    from edgekit.prune.towers import layer_outputs
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {linears[n] for n, out in layer_outputs(model, linears, example).items() if out.dim() >= 3}
 
 
 def output_layers(dg) -> set:

@@ -16,7 +16,8 @@ from edgekit.model import first_output
 from edgekit.recipe import InputSpec
 
 
-def _outputs(model: nn.Module, layers: dict[str, nn.Module], args) -> dict[str, torch.Tensor]:
+def layer_outputs(model: nn.Module, layers: dict[str, nn.Module], args) -> dict[str, torch.Tensor]:
+    """Name -> output of each of ``layers`` in one forward of ``model`` on ``args``."""
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for name, m in layers.items():
@@ -39,14 +40,14 @@ def layer_modalities(model: nn.Module, specs: Sequence[InputSpec], samples: Sequ
     every module holding parameters of its own (Conv/Linear, and norms and embeddings for recovery)."""
     layers = {n: m for n, m in model.named_modules() if n and next(m.parameters(recurse=False), None) is not None}
     found: dict[str, set[str]] = {n: set() for n in layers}
-    base = _outputs(model, layers, samples[0])
+    base = layer_outputs(model, layers, samples[0])
     for pos, spec in enumerate(specs):
         for other in samples[1:]:
             if torch.equal(other[pos], samples[0][pos]):
                 continue
             args = list(samples[0])
             args[pos] = other[pos]
-            changed = _outputs(model, layers, args)
+            changed = layer_outputs(model, layers, args)
             for n, out in base.items():
                 if n in changed and (changed[n].shape != out.shape or not torch.equal(changed[n], out)):
                     found[n].add(spec.modality)
