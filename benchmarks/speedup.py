@@ -41,10 +41,10 @@ def main() -> int:
     ok = True
     for name, rows in runs.items():
         line = {"target": name}
+        prunes = [r.get("prune") or {} for r in rows]
         measured = [("speedup", "min_speedup", [r["speedup_p50"] for r in rows])]
-        if any(r.get("prune") for r in rows):
-            measured.append(("prune_speedup", "min_prune_speedup",
-                             [(r.get("prune") or {}).get("speedup_vs_int8_unpruned") for r in rows]))
+        if any(prunes):
+            measured.append(("prune_speedup", "min_prune_speedup", [p.get("speedup_vs_int8_unpruned") for p in prunes]))
         for key, goal_key, values in measured:
             values = [v for v in values if v]
             med = statistics.median(values) if values else None
@@ -55,10 +55,9 @@ def main() -> int:
         fp = [r["fp32"]["latency_ms"]["p50"] for r in rows if r["fp32"] and r["fp32"]["latency_ms"]]
         op = [r["optimized"]["latency_ms"]["p50"] for r in rows if r["optimized"] and r["optimized"]["latency_ms"]]
         line.update({"fp32_p50_ms": fp, "optimized_p50_ms": op, "metric_drop": [r["metric_drop"] for r in rows]})
-        if any(r.get("prune") for r in rows):
-            line["int8_unpruned_p50_ms"] = [((r.get("prune") or {}).get("latency_p50_ms") or {}).get("int8_unpruned")
-                                            for r in rows]
-            line["macs"] = [(r["prune"]["macs_before"], r["prune"]["macs_after"]) for r in rows if r.get("prune")]
+        if any(prunes):
+            line["int8_unpruned_p50_ms"] = [(p.get("latency_p50_ms") or {}).get("int8_unpruned") for p in prunes]
+            line["macs"] = [(p["macs_before"], p["macs_after"]) for p in prunes if p]
         print(json.dumps(line))
     return 0 if ok else 1
 

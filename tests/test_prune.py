@@ -126,14 +126,14 @@ def test_fusion_that_breaks_without_protection(tmp_path, monkeypatch, name, fusi
     model = prune_models.fusion(name)
     r, calib = _setup(tmp_path)
     args = tuple(torch.from_numpy(calib.sample(0)[s.name]) for s in r.model.inputs)
-    ref = model(*args)
+    ref, head_in = model(*args), model.head.in_features
     pruned, facts = _prune(model, tmp_path, ratio=0.5)
     assert pruned(*args).shape == ref.shape
     assert facts["protected"][why] >= 1
     towers = {w["tower"] for w in facts["widths"]}
     assert {"image", "text"} <= towers                  # both towers still lose width
     assert pruned.image[0].out_channels == 16 and pruned.text[0].out_features == 48
-    assert pruned.head.in_features == prune_models.fusion(name).head.in_features
+    assert pruned.head.in_features == head_in
 
     monkeypatch.setattr(pruner, "fusion_blocker", lambda *a: None)
     with pytest.raises(TargetError, match=rf"forward broke after pruning output channels of {fusion_layer} "):
