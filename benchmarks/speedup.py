@@ -18,8 +18,8 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from edgekit import pipeline
-from edgekit.bench import machine
+from edgekit.run import pipeline
+from edgekit.measure.machine import machine
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,7 +33,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
-            doc = pipeline.run(args.recipe, out=Path(tmp) / f"r{i}")
+            doc = pipeline.run(args.recipe, out=Path(tmp) / f"r{i}").to_json()
             for t in doc["targets"]:
                 runs.setdefault(t["name"], []).append(t)
     m = machine()

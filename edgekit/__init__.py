@@ -4,6 +4,6 @@ The data path, one module each::
 
     recipe -> model -> (prune) -> backends/<toolchain> (export, quantize) -> verify -> bench -> report
 
-``edgekit.pipeline.run`` is the programmatic entry point; ``edgekit`` (``edgekit.cli``) the command line.
+``edgekit.run.pipeline.run`` is the programmatic entry point; ``edgekit`` (``edgekit.cli``) the command line.
 """
 __version__ = "0.1.0"

@@ -140,34 +140,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     import os
 
-    from edgekit import baseline, gates, junit, pipeline, report
-    from edgekit.cache import Cache
+    from edgekit import report
+    from edgekit.release import baseline, gates, junit
+    from edgekit.report.markdown import table
+    from edgekit.run import pipeline
+    from edgekit.run.cache import Cache
 
     base = baseline.load(args.baseline) if getattr(args, "baseline", None) else None  # bad input: before any work
     doc = pipeline.run(args.recipe, args.targets, args.out, args.device, cache=Cache.open(not args.no_cache, args.reuse))
-    out = Path(args.out) if args.out else Path("runs") / doc["model"]["name"]
-    results = list(doc["gates"])
+    out = Path(args.out) if args.out else Path("runs") / doc.model.name
+    results = list(doc.gates)
     if base is not None:
-        from edgekit.recipe import load_recipe
+        from edgekit.config.recipe import load_recipe
+        from edgekit.release.confirm import confirm_latency
 
         recipe = load_recipe(args.recipe)
-        doc["baseline"] = {"path": str(args.baseline), "created": base.get("created"),
-                           "results": baseline.compare(doc, base, recipe.gates, confirm=None if args.reuse else (
-                               lambda row, prev: pipeline.confirm_latency(recipe, row, out, args.baseline, prev)))}
-        results += doc["baseline"]["results"]
+        compared = baseline.compare(doc, base, recipe.gates, confirm=None if args.reuse else (
+            lambda row, prev: confirm_latency(recipe, row, out, args.baseline, prev)))
+        doc.baseline = {"path": str(args.baseline), "created": base.created, "results": compared}
+        results += compared
         report.write(doc, out)
     print()
-    print(report.table(doc))
+    print(table(doc))
     print()
     bad_gates = gates.failed(results)
     for g in bad_gates:
-        print(f"gate failed: {g['target']} {g['gate']} = {g['limit']:g} ({g['what']} = {g['value']:g})")
-    failed = [t for t in doc["targets"] if t["status"] == "failed" and not t.get("budget_missed")]
+        print(f"gate failed: {g.target} {g.gate} = {g.limit:g} ({g.what} = {g.value:g})")
+    failed = [t for t in doc.targets if t.status == "failed" and not t.budget_missed]
     for t in failed:
-        print(f"target failed: {t['name']}: {t['reason'].splitlines()[0]}")
-    for t in doc["targets"]:
-        if t.get("budget_missed"):  # artifacts built and measured: a failed max_metric_drop gate, not exit 3
-            print(f"target failed its accuracy budget: {t['name']}: {t['reason'].splitlines()[0]}")
+        print(f"target failed: {t.name}: {t.reason.splitlines()[0]}")
+    for t in doc.targets:
+        if t.budget_missed:  # artifacts built and measured: a failed max_metric_drop gate, not exit 3
+            print(f"target failed its accuracy budget: {t.name}: {t.reason.splitlines()[0]}")
     print(f"report: {out / 'report.md'} (and report.json, report.html, manifest.json)")
     code = EXIT_TARGET_FAILED if failed else EXIT_GATE_FAILED if bad_gates and args.cmd == "ci" else EXIT_OK
     if args.cmd == "ci":
@@ -189,8 +193,9 @@ def _bench(args) -> int:
     import numpy as np
 
     from edgekit.backends import get_backend
-    from edgekit.bench import host_device, measure
-    from edgekit.profiles import load_profile, with_device
+    from edgekit.measure.bench import measure
+    from edgekit.measure.machine import host_device
+    from edgekit.config.profiles import load_profile, with_device
 
     path = Path(args.artifact)
     if not path.is_file():
@@ -230,19 +235,19 @@ def _bench(args) -> int:
 
 
 def _bench_remote(args, path: Path, prof, backend, runtime, feeds) -> dict:
-    from edgekit import remote
+    from edgekit.measure import remote
 
     if callable(feeds):  # no --data: synthesize the feed from the artifact's signature, here
         feeds = feeds(backend.load(path, runtime))
     return remote.benchmark(args.device, [str(f) for f in backend.files(path)], feeds[0],
-                            providers=list(runtime.providers), threads=runtime.threads, warmup=args.warmup,
+                            runner=backend.remote_runner(), settings=backend.remote_settings(runtime), warmup=args.warmup,
                             runs=args.runs, python=args.remote_python or prof.remote_python)
 
 
 def _profile_for(path: Path):
     from edgekit.backends import get_backend
-    from edgekit.devices import unmeasurable_reason
-    from edgekit.profiles import available, load_profile
+    from edgekit.measure.devices import unmeasurable_reason
+    from edgekit.config.profiles import available, load_profile
 
     for name in available():  # the first profile that can time this file type on this machine
         prof = load_profile(name)
@@ -261,7 +266,7 @@ def _doctor(args) -> int:
 
 
 def _targets(args) -> int:
-    from edgekit.profiles import available, load_profile
+    from edgekit.config.profiles import available, load_profile
 
     for name in available():
         p = load_profile(name)

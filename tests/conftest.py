@@ -94,10 +94,10 @@ class Built:
 
 def build_target(target: str, folder: Path, n_calib: int, n_eval: int) -> Built:
     from edgekit.backends import get_backend
-    from edgekit.data import load_calibration, load_evaluation
-    from edgekit.model import example_inputs, load_model, reference_outputs
-    from edgekit.profiles import load_profile
-    from edgekit.recipe import load_recipe
+    from edgekit.inputs.data import load_calibration, load_evaluation
+    from edgekit.inputs.model import example_inputs, load_model, reference_outputs
+    from edgekit.config.profiles import load_profile
+    from edgekit.config.recipe import load_recipe
 
     (folder / "edgekit.toml").write_text(recipe_text(
         f"{EXAMPLE}/model.py:build", f"{DATA}/calib.npz", f"{DATA}/eval.npz",

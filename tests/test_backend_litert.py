@@ -7,8 +7,8 @@ import torch
 
 from edgekit.cli import main
 from edgekit.errors import TargetError
-from edgekit.recipe import InputSpec
-from edgekit.verify import cosine
+from edgekit.config.recipe import InputSpec
+from edgekit.measure.verify import cosine
 from tests.conftest import Built, build_target
 
 

@@ -6,10 +6,10 @@ import onnx
 import pytest
 
 from edgekit.backends import get_backend
-from edgekit.bench import has_vnni
+from edgekit.measure.machine import has_vnni
 from edgekit.errors import InputError, TargetError
-from edgekit.profiles import load_profile
-from edgekit.verify import cosine
+from edgekit.config.profiles import load_profile
+from edgekit.measure.verify import cosine
 from tests.conftest import Built, build_target
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from edgekit.cli import main
 from edgekit.errors import TargetError
-from edgekit.recipe import InputSpec
-from edgekit.verify import cosine
+from edgekit.config.recipe import InputSpec
+from edgekit.measure.verify import cosine
 from tests.conftest import EXAMPLE, Built, build_target
 
 

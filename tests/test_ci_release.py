@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekit import baseline, manifest
+from edgekit.release import baseline
+from edgekit.report import manifest
+from edgekit.report.schema import ArtifactResult, EvalInfo, Latency, Machine, ModelInfo, Report, TargetRow
 from tests.conftest import EXAMPLE, ROOT
 
 TARGETS = ("ort-cpu", "openvino-x86", "tflite-mobile")
@@ -162,9 +164,9 @@ def test_unchanged_model_never_fails_against_its_own_baseline_20_times(cold):
     harness as the pipeline's measure worker) judged against the cold run's report, with the same
     confirmation `edgekit ci` uses (baseline and current artifact timed interleaved)."""
     from edgekit.backends import get_backend
-    from edgekit.bench import ab_compare, measure
-    from edgekit.profiles import load_profile
-    from edgekit.recipe import load_recipe
+    from edgekit.measure.bench import ab_compare, measure
+    from edgekit.config.profiles import load_profile
+    from edgekit.config.recipe import load_recipe
 
     base, recipe_path, _, _ = cold
     out = base / "run1"
@@ -172,8 +174,8 @@ def test_unchanged_model_never_fails_against_its_own_baseline_20_times(cold):
     prof = load_profile("ort-cpu")
     backend = get_backend(prof.backend)
     _, _, runtime = backend.options(prof)
-    row = next(t for t in base_doc["targets"] if t["name"] == "ort-cpu")
-    art = out / row["optimized"]["artifact"]
+    row = base_doc.target("ort-cpu")
+    art = out / row.optimized.artifact
     with np.load(ROOT / "calibration/tiny_multimodal/eval.npz") as z:
         feed = {k: z[k][:1] for k in ("image", "input_ids", "attention_mask")}
     gates = load_recipe(recipe_path).gates
@@ -184,16 +186,16 @@ def test_unchanged_model_never_fails_against_its_own_baseline_20_times(cold):
         confirmed += 1
         res = ab_compare(backend.load(art, runtime), backend.load(art, runtime), feed, warmup=prof.bench.warmup,
                          rounds=10, per_round=prof.bench.runs // 10)
-        return {"method": "ab", "a": res["a"], "b": res["b"]}
+        return {"method": "ab", "a": Latency(**res["a"]), "b": Latency(**res["b"])}
 
     verdicts = []
     for _ in range(20):
         stats, _ = measure(lambda: backend.load(art, runtime), [feed], warmup=prof.bench.warmup, runs=prof.bench.runs)
-        doc = copy.deepcopy(base_doc)
-        doc["targets"] = [copy.deepcopy(row)]
-        doc["targets"][0]["optimized"]["latency_ms"] = stats["latency_ms"]
-        (lat,) = [g for g in baseline.compare(doc, base_doc, gates, confirm=confirm) if g["gate"] == "baseline_latency"]
-        verdicts.append((lat["value"], lat["limit"], lat["passed"]))
+        doc = base_doc.model_copy(deep=True)
+        doc.targets = [row.model_copy(deep=True)]
+        doc.targets[0].optimized.latency_ms = Latency(**stats["latency_ms"])
+        (lat,) = [g for g in baseline.compare(doc, base_doc, gates, confirm=confirm) if g.gate == "baseline_latency"]
+        verdicts.append((lat.value, lat.limit, lat.passed))
     print(f"{confirmed} of 20 suspected and re-measured interleaved; verdicts: {verdicts}")
     assert all(v[2] for v in verdicts), verdicts
 
@@ -222,7 +224,7 @@ def test_bad_baseline_exits_2_before_any_work(write_recipe, workdir, capsys, con
 # -- judging latency ----------------------------------------------------------------------------------------
 
 def _lat(p50, mad, n=200):
-    return {"p50": p50, "mad": mad, "n": n}
+    return Latency(p50=p50, p90=p50, p99=p50, mean=p50, mad=mad, n=n)
 
 
 def test_latency_threshold_widens_with_noise_and_never_drops_below_the_floor():
@@ -234,19 +236,24 @@ def test_latency_threshold_widens_with_noise_and_never_drops_below_the_floor():
 
 
 def test_suspected_regression_is_cleared_by_an_interleaved_remeasurement(write_recipe):
-    from edgekit.recipe import load_recipe
+    from edgekit.config.recipe import load_recipe
 
     gates = load_recipe(write_recipe()).gates
-    row = {"name": "ort-cpu", "status": "ok", "optimized": {"latency_ms": _lat(3.0, 0.03), "metric": 0.99,
-                                                          "size_bytes": 100}}
-    prev = copy.deepcopy(row)
-    prev["optimized"]["latency_ms"] = _lat(2.0, 0.02)
-    doc, base = {"targets": [row]}, {"targets": [prev]}
-    (lat,) = [g for g in baseline.compare(doc, base, gates) if g["gate"] == "baseline_latency"]
-    assert lat["passed"] is False and lat["value"] == pytest.approx(0.5)
+
+    def report(p50: float, mad: float) -> Report:
+        art = ArtifactResult(artifact="a.onnx", files=["a.onnx"], size_bytes=100, precision="int8", metric=0.99,
+                             latency_ms=_lat(p50, mad))
+        return Report(edgekit_version="t", created="t", machine=Machine(cpu="c", arch="x"),
+                      model=ModelInfo(name="m", source="s", params=1),
+                      eval=EvalInfo(path="e", metric="cosine", n=1, fp32_torch=1.0),
+                      targets=[TargetRow(name="ort-cpu", backend="onnxruntime", device="host", optimized=art)])
+
+    doc, base = report(3.0, 0.03), report(2.0, 0.02)
+    (lat,) = [g for g in baseline.compare(doc, base, gates) if g.gate == "baseline_latency"]
+    assert lat.passed is False and lat.value == pytest.approx(0.5)
     same = lambda r, p: {"method": "ab", "a": _lat(2.5, 0.02), "b": _lat(2.52, 0.02)}  # noqa: E731
-    (lat,) = [g for g in baseline.compare(doc, base, gates, confirm=same) if g["gate"] == "baseline_latency"]
-    assert lat["passed"] is True and lat["confirmed_by"]["method"] == "ab"
+    (lat,) = [g for g in baseline.compare(doc, base, gates, confirm=same) if g.gate == "baseline_latency"]
+    assert lat.passed is True and lat.confirmed_by["method"] == "ab"
 
 
 # -- the cache -----------------------------------------------------------------------------------------------
@@ -254,25 +261,26 @@ def test_suspected_regression_is_cleared_by_an_interleaved_remeasurement(write_r
 def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workdir, tmp_path):
     import torch
 
-    from edgekit.cache import Keys
-    from edgekit.model import load_model
-    from edgekit.recipe import load_recipe
+    from edgekit.run.cache import Keys
+    from edgekit.inputs.model import load_model
+    from edgekit.config.recipe import load_recipe
 
     recipe = load_recipe(write_recipe())
     model = load_model(recipe)
     prof = tmp_path / "p.toml"
     shutil.copy(ROOT / "targets/ort-cpu.toml", prof)
-    job = {"recipe": str(recipe.path), "target": str(prof), "out": "/x"}
+    from edgekit.run.jobs import BuildJob
+
+    job = BuildJob(recipe=str(recipe.path), target=str(prof), out="/x")
     calib, evals = workdir / "calib.npz", workdir / "eval.npz"
 
-    def key(m=model, r=recipe, versions={"onnxruntime": "1"}):
-        return Keys.for_run(r, m, calib, evals).build(job, prof, versions)
+    def key(m=model, r=recipe, versions={"onnxruntime": "1"}, j=job):
+        return Keys.for_run(r, m, calib, evals).build(j.identity(), prof, versions)
 
     k0 = key()
-    assert key() == k0 and Keys.for_run(recipe, model, calib, evals).build({**job, "out": "/y"}, prof,
-                                                                            {"onnxruntime": "1"}) == k0
+    assert key() == k0 and key(j=job.model_copy(update={"out": "/y"})) == k0  # where it writes is not an input
     assert key(versions={"onnxruntime": "2"}) != k0
-    import edgekit.cache as cache
+    import edgekit.run.cache as cache
 
     real = cache.source_digest()
     cache._SOURCE["source"] = "edited"       # edgekit's own code changed, its version did not
@@ -300,7 +308,7 @@ def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workd
 
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
-    from edgekit.cache import Cache
+    from edgekit.run.cache import Cache
 
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "c"))
     c = Cache.open()
@@ -361,20 +369,23 @@ def test_report_html_opens_in_headless_chromium(cold, tmp_path):
 
 
 def test_report_html_renders_a_failed_and_an_unmeasured_target(tmp_path):
-    from edgekit import report_html
+    from edgekit.report import html
 
     side = {"artifact": "a/m.onnx", "files": ["a/m.onnx"], "size_bytes": 1000, "precision": "fp32", "metric": 0.9,
             "latency_ms": None, "latency_reason": "not measured: no device adb:x"}
-    doc = {"edgekit_version": "0", "created": "now", "model": {"name": "m", "params": 1e6, "macs": 1e6},
-           "machine": {"cpu": "cpu", "cores": 2, "os": "linux"}, "eval": {"metric": "top1", "n": 5, "fp32_torch": 0.9},
+    doc = {"schema": "edgekit.report/1", "edgekit_version": "0", "created": "now",
+           "model": {"name": "m", "source": "m.py:build", "params": 1e6, "macs": 1e6},
+           "machine": {"cpu": "cpu", "arch": "x86_64", "cores": 2, "os": "linux"},
+           "eval": {"path": "e.npz", "metric": "top1", "n": 5, "fp32_torch": 0.9},
            "targets": [
-               {"name": "phone", "status": "ok", "device": "adb:x", "reason": None, "fp32": side,
-                "optimized": {**side, "precision": "int8"}, "speedup_p50": None, "metric_drop": 0.0},
-               {"name": "broken", "status": "failed", "device": "host", "reason": "torch.onnx.export failed: boom",
-                "fp32": None, "optimized": None, "speedup_p50": None, "metric_drop": None}],
+               {"name": "phone", "backend": "litert", "status": "ok", "device": "adb:x", "reason": None,
+                "fp32": side, "optimized": {**side, "precision": "int8"}, "speedup_p50": None, "metric_drop": 0.0},
+               {"name": "broken", "backend": "onnxruntime", "status": "failed", "device": "host",
+                "reason": "torch.onnx.export failed: boom", "fp32": None, "optimized": None, "speedup_p50": None,
+                "metric_drop": None}],
            "gates": [{"target": "broken", "gate": "min_speedup", "limit": 2, "value": None, "passed": None,
                       "what": "speedup", "note": "target failed"}]}
-    report_html.write(doc, tmp_path)
+    html.write(Report.model_validate(doc), tmp_path)
     dom = dump_dom(tmp_path / "report.html", tmp_path)
     assert "<td>broken</td>" in dom and "torch.onnx.export failed: boom" in dom
     assert "<td>phone</td>" in dom and "not measured" in dom and "Artifact sizes" in dom

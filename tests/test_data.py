@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.data import check_disjoint, load_calibration, load_evaluation
+from edgekit.inputs.data import check_disjoint, load_calibration, load_evaluation
 from edgekit.errors import InputError
-from edgekit.recipe import load_recipe
+from edgekit.config.recipe import load_recipe
 from tests.conftest import load
 
 

@@ -28,8 +28,8 @@ import common  # noqa: E402
 import model as M  # noqa: E402
 import train_head  # noqa: E402
 
-from edgekit.recipe import load_recipe  # noqa: E402
-from edgekit.data import load_calibration, load_evaluation, check_disjoint  # noqa: E402
+from edgekit.config.recipe import load_recipe  # noqa: E402
+from edgekit.inputs.data import load_calibration, load_evaluation, check_disjoint  # noqa: E402
 
 
 def _load(name: str) -> dict[str, np.ndarray]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgekit.data import load_evaluation
+from edgekit.inputs.data import load_evaluation
 from edgekit.errors import InputError
-from edgekit.model import check_forward, count_macs, example_inputs, load_model
-from edgekit.recipe import load_recipe
+from edgekit.inputs.model import check_forward, count_macs, example_inputs, load_model
+from edgekit.config.recipe import load_recipe
 
 
 def test_load_py_callable_and_describe(write_recipe):

@@ -20,8 +20,8 @@ PY = sys.executable
 
 
 def _setup(tmp_path: Path, n_calib: int = 8):
-    from edgekit.data import load_calibration
-    from edgekit.recipe import load_recipe
+    from edgekit.inputs.data import load_calibration
+    from edgekit.config.recipe import load_recipe
 
     (tmp_path / "edgekit.toml").write_text(recipe_text(
         f"{EXAMPLE}/model.py:build", f"{DATA}/calib.npz", f"{DATA}/eval.npz",
@@ -32,7 +32,7 @@ def _setup(tmp_path: Path, n_calib: int = 8):
 
 def _prune(model, tmp_path, round_to=8, **spec):
     from edgekit.prune import prune_model
-    from edgekit.recipe import PruneSpec
+    from edgekit.config.recipe import PruneSpec
 
     r, calib = _setup(tmp_path)
     return prune_model(model, r.model.inputs, calib, PruneSpec(**spec), round_to)
@@ -55,7 +55,7 @@ def test_rounded_widths():
 def test_mha_heads_pruned_and_widths_rounded(tmp_path):
     """nn.MultiheadAttention heads are removed (not silently kept), every width is a multiple of round_to,
     the fusion (concat) and output widths stay, and the pruned model still runs at the same output shape."""
-    from edgekit.model import count_macs, load_model
+    from edgekit.inputs.model import count_macs, load_model
 
     r, calib = _setup(tmp_path)
     model = load_model(r)
@@ -182,7 +182,7 @@ def test_macs_budget(tmp_path):
 
 
 def test_recipe_prune_errors(write_recipe):
-    from edgekit.recipe import load_recipe
+    from edgekit.config.recipe import load_recipe
 
     assert load_recipe(write_recipe()).prune is None       # off unless the recipe has [prune]
     with pytest.raises(InputError, match=r"prune\.ratios: audio is not a modality of \[model\] inputs"):
@@ -196,7 +196,7 @@ def test_recipe_prune_errors(write_recipe):
 
 
 def test_profile_round_to(tmp_path):
-    from edgekit.profiles import load_profile
+    from edgekit.config.profiles import load_profile
 
     assert load_profile("ort-cpu").prune.round_to == 16
     assert load_profile("openvino-x86").prune.round_to == 16
@@ -210,7 +210,7 @@ def test_profile_round_to(tmp_path):
 def _quick_profiles(folder: Path) -> list[str]:
     """Copies of the three implemented targets' profiles with a short benchmark (this test checks
     the artifacts, not their speed)."""
-    from edgekit.profiles import load_profile
+    from edgekit.config.profiles import load_profile
 
     paths = []
     for name in ("ort-cpu", "openvino-x86", "tflite-mobile"):

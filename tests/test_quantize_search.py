@@ -1,4 +1,4 @@
-"""Accuracy-aware quantization (edgekit.quantize_search) on a deliberately fragile model
+"""Accuracy-aware quantization (edgekit.quantize.search) on a deliberately fragile model
 (examples/fragile_attention: a -inf attention mask and an outlier channel), with the real ONNX Runtime."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgekit.errors import InputError
-from edgekit.recipe import load_recipe
+from edgekit.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAGILE = ROOT / "examples" / "fragile_attention"
@@ -47,25 +47,25 @@ def test_quantize_table_is_validated(fragile: Path):
 
 
 def test_search_is_on_only_with_an_accuracy_gate(fragile: Path, tmp_path: Path):
-    from edgekit.pipeline import _search_job
-    from edgekit.profiles import load_profile
+    from edgekit.run.pipeline import _search_spec
+    from edgekit.config.profiles import load_profile
 
     prof, ref = load_profile("ort-cpu"), tmp_path / "reference.npy"
     np.save(ref, np.zeros((2, 10), np.float32))
-    job = _search_job(prof, load_recipe(fragile), ref)
-    assert job["max_drop"] == 0.01 and job["time_budget_s"] == 120 and Path(job["reference"]).is_file()
+    job = _search_spec(prof, load_recipe(fragile), ref)
+    assert job.max_drop == 0.01 and job.time_budget_s == 120 and Path(job.reference).is_file()
     _set_quantize(fragile, "[quantize]\nsearch = false\n")
-    assert _search_job(prof, load_recipe(fragile), ref) is None
+    assert _search_spec(prof, load_recipe(fragile), ref) is None
     text = (fragile / "edgekit.toml").read_text().replace("max_metric_drop = 0.01", "min_speedup = 0.1")
     (fragile / "edgekit.toml").write_text(text.replace("search = false", ""))
-    assert _search_job(prof, load_recipe(fragile), ref) is None  # no max_metric_drop: no search
+    assert _search_spec(prof, load_recipe(fragile), ref) is None  # no max_metric_drop: no search
 
 
 @pytest.mark.slow
 def test_search_repairs_the_collapsed_int8(fragile: Path):
-    from edgekit.pipeline import run
+    from edgekit.run.pipeline import run
 
-    doc = run(fragile, out=fragile / "out")
+    doc = run(fragile, out=fragile / "out").to_json()
     row = doc["targets"][0]
     qs = row["quantize_search"]
     assert qs["steps"][0]["drop"] > 0.3           # the default int8 collapses (outlier channel)
@@ -80,10 +80,10 @@ def test_search_repairs_the_collapsed_int8(fragile: Path):
 
 @pytest.mark.slow
 def test_time_budget_is_respected_and_the_failure_is_honest(fragile: Path):
-    from edgekit.pipeline import run
+    from edgekit.run.pipeline import run
 
     _set_quantize(fragile, "[quantize]\ntime_budget_s = 0.01\neval_samples = 16\n")  # less than any step
-    doc = run(fragile, out=fragile / "out")
+    doc = run(fragile, out=fragile / "out").to_json()
     row = doc["targets"][0]
     qs = row["quantize_search"]
     # A missed budget is a failed max_metric_drop gate (ci exit 1), judged on the measured figures
@@ -101,13 +101,13 @@ def test_calibration_guard_excludes_nonfinite_tensors(fragile: Path, capsys):
     """Quantizing Add/Softmax too puts the -inf mask path into calibration: the guard keeps it float."""
     from edgekit.backends import get_backend
     from edgekit.backends.onnxruntime import QuantizeOptions
-    from edgekit.data import load_calibration
-    from edgekit.model import example_inputs, load_model
+    from edgekit.inputs.data import load_calibration
+    from edgekit.inputs.model import example_inputs, load_model
 
     r = load_recipe(fragile)
     backend = get_backend("onnxruntime")
     calib = load_calibration(r)
-    ex, _, _ = backend.options(__import__("edgekit.profiles", fromlist=["x"]).load_profile("ort-cpu"))
+    ex, _, _ = backend.options(__import__("edgekit.config.profiles", fromlist=["x"]).load_profile("ort-cpu"))
     fp32 = backend.export_fp32(load_model(r), example_inputs(r.model.inputs, calib.sample(0)), r.model.inputs,
                                fragile, ex)
     capsys.readouterr()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from edgekit.errors import InputError
-from edgekit.recipe import load_recipe
+from edgekit.config.recipe import load_recipe
 from tests.conftest import recipe_text
 
 
@@ -62,7 +62,7 @@ def test_bad_metric_and_dtype(write_recipe):
 
 
 def test_unknown_target(write_recipe):
-    from edgekit.pipeline import prepare
+    from edgekit.run.pipeline import prepare
 
     with pytest.raises(InputError, match=r"unknown target 'ort-cpuu'; known targets: .*ort-cpu"):
         prepare(write_recipe(targets='["ort-cpuu"]'), None, None)

@@ -1,10 +1,10 @@
-"""edgekit.weight_sensitivity: layers whose int8 weights break their output are found on the torch model
+"""edgekit.quantize.weights: layers whose int8 weights break their output are found on the torch model
 (the accuracy search's first LiteRT step keeps them in float)."""
 import numpy as np
 import torch
 from torch import nn
 
-from edgekit.weight_sensitivity import fake_quant_weight, weight_sensitivity
+from edgekit.quantize.weights import fake_quant_weight, weight_sensitivity
 
 
 class Probe(nn.Module):
@@ -43,47 +43,97 @@ def test_fake_quant_weight_is_symmetric_int8_per_output_channel():
     assert torch.equal(fake_quant_weight(w, per_channel=False)[0], torch.zeros(3))
 
 
-def test_litert_search_first_step_keeps_weak_weight_layers_in_float_and_fuses_hardtanh(tmp_path):
+class ProbeReLU6(Probe):
+    """The probe with a ReLU6 after its conv (what makes LiteRT offer the conv->hardtanh fusion)."""
+
+    def forward(self, x):
+        f = nn.functional.relu6(self.conv(x)).mean(dim=(2, 3))
+        f = torch.cat([torch.zeros_like(f[:, :1]), f[:, 1:]], dim=1)
+        return self.head(f) + self.good(f)
+
+
+def _first_rung(backend, model, fp32, first, opts, calib):
+    """The search ladder's first candidate (edgekit.quantize.search.ladder) for this backend."""
     from types import SimpleNamespace
 
-    from edgekit.backends import litert_search
-    from edgekit.backends.base import Artifact
-    from edgekit.backends.litert import LiteRtBackend, QuantizeOptions, _named
-    from edgekit.data import SampleSet
+    from edgekit.quantize.search import ladder
 
-    backend = LiteRtBackend()
-    fp32 = Artifact(path=tmp_path / "model_fp32.tflite", precision="fp32")
-    backend._sources[str(fp32.path)] = _named(Probe().eval(), ["x"], (torch.zeros(1, 1, 8, 8),))
+    ctx = SimpleNamespace(backend=backend, model=model, calibration=calib, tag="[t] quantize search",
+                          history=[SimpleNamespace(artifact=first)])
+    return next(ladder(ctx, fp32, opts))
+
+
+def _calib(tmp_path):
+    from edgekit.inputs.data import SampleSet
+
     rng = np.random.default_rng(0)
-    calib = SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
-    first = next(litert_search.candidates(backend, fp32, QuantizeOptions(), SimpleNamespace(target="t",
-                                                                                            calibration=calib)))
+    return SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
+
+
+def test_litert_first_rung_keeps_weak_weight_layers_in_float_and_fuses_hardtanh(tmp_path):
+    from edgekit.backends import get_backend
+    from edgekit.backends.base import Artifact
+    from edgekit.backends.litert import QuantizeOptions, _named, _Source
+
+    backend = get_backend("litert")
+    model = ProbeReLU6().eval()
+    named, kwargs = _named(model, ["x"], (torch.zeros(1, 1, 8, 8),))
+    fp32 = Artifact(path=tmp_path / "model_fp32.tflite", precision="fp32", state=_Source(named, kwargs))
+    first = _first_rung(backend, model, fp32, None, QuantizeOptions(), _calib(tmp_path))
     assert first.opts.float_modules == ["inner.head"] == first.kept_float   # names as float_modules takes them
     assert first.opts.fuse_conv_hardtanh
     assert "weight SQNR" in first.label and "hardtanh" in first.label
+    # no ReLU6 in the model: no fusion offered, the weak layer still goes to float
+    first = _first_rung(backend, Probe().eval(), Artifact(path=fp32.path, precision="fp32", state=_Source(
+        *_named(Probe().eval(), ["x"], (torch.zeros(1, 1, 8, 8),)))), None, QuantizeOptions(), _calib(tmp_path))
+    assert not first.opts.fuse_conv_hardtanh and first.opts.float_modules == ["inner.head"]
 
 
-def test_ort_search_first_step_keeps_the_weak_layer_nodes_in_float(tmp_path):
+def test_ort_first_rung_keeps_the_weak_layer_nodes_in_float(tmp_path):
     """ONNX Runtime: the weak torch layer is found in the exported graph by the exporter's name scopes and
     its nodes are excluded from quantization in the search's first step; the healthy ones stay int8."""
-    from types import SimpleNamespace
+    from edgekit.backends import get_backend
+    from edgekit.backends.onnxruntime import ExportOptions, QuantizeOptions
+    from edgekit.backends.onnxruntime.graph import nodes_of_modules
+    from edgekit.config.recipe import InputSpec
 
-    from edgekit.backends import ort_search
-    from edgekit.backends.onnxruntime import ExportOptions, OnnxRuntimeBackend, QuantizeOptions
-    from edgekit.data import SampleSet
-    from edgekit.recipe import InputSpec
-
-    rng = np.random.default_rng(0)
-    calib = SampleSet(tmp_path / "calib.npz", {"x": rng.standard_normal((4, 1, 8, 8)).astype(np.float32)}, None)
-    model, backend = Probe().eval(), OnnxRuntimeBackend()
+    calib = _calib(tmp_path)
+    model, backend = Probe().eval(), get_backend("onnxruntime")
     fp32 = backend.export_fp32(model, (torch.zeros(1, 1, 8, 8),), [InputSpec(name="x", shape=[1, 1, 8, 8], dtype="float32")],
                                tmp_path, ExportOptions())
     opts = QuantizeOptions(op_types=["Conv", "MatMul", "Gemm"])
     first = backend.quantize(fp32, calib, tmp_path, opts)
-    ctx = SimpleNamespace(target="t", calibration=calib, model=model,
-                          best=SimpleNamespace(artifact=first, candidate=SimpleNamespace(opts=opts)))
-    step = next(ort_search.candidates(fp32, opts, ctx))
+    step = _first_rung(backend, model, fp32, first, opts, calib)
     excluded = step.opts.nodes_to_exclude
     assert excluded and "weight SQNR" in step.label
-    assert excluded == ort_search.nodes_of_modules(fp32.path, first.path, ["head"])
-    assert not set(excluded) & set(ort_search.nodes_of_modules(fp32.path, first.path, ["good", "conv"]))
+    assert excluded == nodes_of_modules(fp32.path, first.path, ["head"])
+    assert not set(excluded) & set(nodes_of_modules(fp32.path, first.path, ["good", "conv"]))
+
+
+def test_openvino_first_rung_keeps_the_weak_layer_ops_in_float(tmp_path):
+    """OpenVINO gets the same weak-weight rung: the weak Linear's MatMul goes to NNCF's ignored_scope."""
+    from edgekit.backends import get_backend
+    from edgekit.backends.openvino import ExportOptions, QuantizeOptions
+    from edgekit.config.recipe import InputSpec
+
+    calib = _calib(tmp_path)
+    model, backend = Probe().eval(), get_backend("openvino")
+    fp32 = backend.export_fp32(model, (torch.zeros(1, 1, 8, 8),), [InputSpec(name="x", shape=[1, 1, 8, 8], dtype="float32")],
+                               tmp_path, ExportOptions())
+    opts = QuantizeOptions(model_type=None)
+    first = backend.quantize(fp32, calib, tmp_path, opts)
+    step = _first_rung(backend, model, fp32, first, opts, calib)
+    names = step.opts.ignored_scope.names
+    assert len(names) == 1 and names[0].endswith("/MatMul") and "weight SQNR" in step.label
+    assert step.kept_float == names
+    (tmp_path / "s1").mkdir()
+    art = backend.quantize(fp32, calib, tmp_path / "s1", step.opts)
+
+    def weight_is_float(xml) -> bool:
+        import openvino as ov
+
+        op = next(o for o in ov.Core().read_model(str(xml)).get_ordered_ops() if o.get_friendly_name() == names[0])
+        w = op.input_value(1).get_node()
+        return w.get_type_name() == "Constant" and w.get_element_type().get_type_name() == "f32"
+
+    assert weight_is_float(art.path) and not weight_is_float(first.path)

@@ -1,9 +1,16 @@
-"""The backend interface: what a toolchain must do for edgekit. One file per toolchain implements it.
+"""The backend contract: everything edgekit asks of a toolchain. One package per toolchain implements it.
 
-The pipeline calls, per target and in worker processes:
-``export_fp32`` (torch model -> fp32 artifact), ``quantize`` (fp32 artifact + calibration set ->
-optimized artifact), and ``load`` (artifact -> Runner, used to verify and to benchmark). A backend
-imports its toolchain inside these methods, so edgekit imports and validates profiles without it.
+The pipeline calls, per target and in worker processes, ``export_fp32`` (torch model -> fp32 artifact),
+``quantize`` (fp32 artifact + calibration set -> optimized artifact) and ``load`` (artifact -> ``Runner``,
+used to verify and to benchmark). State that ``quantize`` needs from ``export_fp32`` (LiteRT: the torch
+model the .tflite came from) travels on the returned ``Artifact`` (``state``), never in the instance.
+
+The accuracy-aware search (``edgekit.quantize.search``) owns the policy; a backend only answers
+questions about its own graph: which cheap fixes it offers (``quality_fixes``), which of its units
+belong to given torch modules (``units_of_modules``), how much each activation loses to int8
+(``rank_activations``), and how to build with a set of units kept in float (``keep_in_float`` +
+``quantize``). A backend imports its toolchain inside its methods, so edgekit imports and validates
+profiles without it.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import importlib.metadata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -37,12 +44,35 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class BackendInfo:
+    """One registry entry (``edgekit.backends.REGISTRY``): what the rest of edgekit may know of a backend
+    without importing its toolchain."""
+
+    name: str
+    entry: str
+    """``module:Class`` implementing ``Backend``."""
+    suffix: str
+    """The artifact's main file suffix (``edgekit bench`` picks the backend by it)."""
+    packages: tuple[str, ...]
+    """Distributions whose versions go into the report and the build cache key."""
+    imports: tuple[tuple[str, str, str], ...]
+    """(import name, distribution, what it is for): what ``edgekit doctor`` checks."""
+    install_hint: str
+    remote: bool = False
+    """Its artifacts can be timed on a Linux board over ssh (``Backend.remote_runner``)."""
+
+
 @dataclass
 class Artifact:
     path: Path
     precision: str  # e.g. "fp32", "int8 (QDQ, U8S8, per-channel)"
     files: list[Path] = field(default_factory=list)  # path + sidecars (external data, .bin)
     details: dict[str, Any] = field(default_factory=dict)
+    state: Any = field(default=None, repr=False, compare=False)
+    """In-process only, never written anywhere: what later steps of the same build need from this
+    artifact (the torch model a .tflite came from, a converted graph the search ranks, cached
+    calibration ranges)."""
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -54,19 +84,45 @@ class Artifact:
 
 
 class Runner(Protocol):
-    """A loaded artifact: feeds are the recipe's inputs (numpy, batch axis 1); returns the outputs."""
+    """A loaded artifact. Feeds are the recipe's inputs (numpy, batch axis 1) by name."""
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    device: Optional[str]
+    """What runs it inside the runtime (an execution provider, a plugin device), for the report."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs as float arrays (quantized outputs dequantized)."""
+
+    def signature(self) -> dict:
+        """``{"inputs": [...], "outputs": [...]}``: name, dtype, shape (and scale / zero point for
+        quantized tensors) as the runtime sees them: what an app developer feeds."""
+
+    def synthetic_feed(self) -> dict[str, np.ndarray]:
+        """A feed built from the signature alone (``edgekit bench`` without ``--data``)."""
+
+
+@dataclass
+class Fix:
+    """A cheap quantization fix a backend offers (no layer leaves int8): option updates and a label."""
+
+    label: str
+    update: dict[str, Any]
 
 
 class Backend(ABC):
-    name: ClassVar[str]
-    suffix: ClassVar[str]  # artifact file suffix
-    packages: ClassVar[Sequence[str]]  # distributions whose versions go into the report
-    install_hint: ClassVar[str]
-    ExportOptions: ClassVar[type[Options]] = Options
-    QuantizeOptions: ClassVar[type[Options]] = Options
-    RuntimeOptions: ClassVar[type[Options]] = Options
+    ExportOptions: type[Options] = Options
+    QuantizeOptions: type[Options] = Options
+    RuntimeOptions: type[Options] = Options
+
+    def __init__(self, info: BackendInfo):
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def suffix(self) -> str:
+        return self.info.suffix
 
     def files(self, path: Path) -> list[Path]:
         """The files an artifact consists of (itself and its sidecars, e.g. OpenVINO's .bin)."""
@@ -87,7 +143,7 @@ class Backend(ABC):
 
     def versions(self) -> dict[str, Optional[str]]:
         out = {}
-        for p in self.packages:
+        for p in self.info.packages:
             try:
                 out[p] = importlib.metadata.version(p)
             except importlib.metadata.PackageNotFoundError:
@@ -99,23 +155,31 @@ class Backend(ABC):
         try:
             return importlib.import_module(module)
         except ImportError as e:
-            raise TargetError(f"{module} is not importable ({e}); install it with: {self.install_hint}") from None
+            raise TargetError(f"{module} is not importable ({e}); install it with: {self.info.install_hint}") from None
 
+    # -- where it runs ----------------------------------------------------------------------------
     def unmeasurable_reason(self, runtime: Options) -> Optional[str]:
         """Why latency cannot be measured on this machine (e.g. no GPU), or None if it can."""
         return None
 
+    def remote_runner(self) -> Path:
+        """The self-contained script that times this backend's artifacts on a board over ssh
+        (``info.remote``; see ``edgekit.measure.remote``): standard library, numpy and the runtime only."""
+        raise TargetError(f"backend {self.name} artifacts cannot be timed over ssh")
+
+    def remote_settings(self, runtime: Options) -> dict:
+        """The runtime settings ``remote_runner()`` takes in its job (providers, threads, ...)."""
+        raise TargetError(f"backend {self.name} artifacts cannot be timed over ssh")
+
+    def doctor_lines(self) -> list[str]:
+        """What ``edgekit doctor`` says about this toolchain's devices / providers here."""
+        return []
+
+    # -- the build --------------------------------------------------------------------------------
     def variants(self, fp32: Artifact, out: Path, opts: Options) -> dict[str, Artifact]:
         """Extra artifacts a profile asks for besides the quantized one (e.g. an fp16 model for a GPU);
         verified and timed like the others."""
         return {}
-
-    def search_candidates(self, fp32: Artifact, opts: Options, ctx) -> Iterator:
-        """Accuracy-aware quantization (``edgekit.quantize_search``): yield ``Candidate``s one at a time,
-        least fallback first, after the profile's quantization (``opts``) missed the accuracy budget.
-        ``ctx`` (a ``SearchContext``) holds the calibration set, the scoring subset, the history of
-        scored steps and the time left. The default: no search means for this toolchain."""
-        return iter(())
 
     @abstractmethod
     def export_fp32(self, model, args: tuple, inputs, out: Path, opts: Options) -> Artifact: ...
@@ -125,3 +189,30 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, path: Path, runtime: Options) -> Runner: ...
+
+    # -- questions the accuracy-aware search asks (edgekit.quantize.search); default: none -----------
+    def weights_per_channel(self, opts: Options) -> bool:
+        """Whether ``opts`` quantizes Conv/Linear weights per output channel."""
+        return True
+
+    def quality_fixes(self, fp32: Artifact, opts: Options) -> list[Fix]:
+        """Cheap fixes for ``opts`` that keep every layer in int8 (fusions, calibration choices)."""
+        return []
+
+    def units_of_modules(self, fp32: Artifact, art: Artifact, modules: list[str]) -> list[str]:
+        """This backend's float-fallback units (graph node / op / module names) that come from the torch
+        ``modules`` of the model ``fp32`` was exported from (``art`` is a quantized build of it)."""
+        return []
+
+    def rank_activations(self, art: Artifact, calibration, samples: int) -> list[tuple[list[str], float]]:
+        """Each quantized activation of ``art`` as (the units that read or write it, median per-channel
+        SQNR in dB of int8 vs float on ``samples`` calibration samples), worst first."""
+        return []
+
+    def float_units(self, opts: Options) -> list[str]:
+        """The units ``opts`` keeps out of int8."""
+        return []
+
+    def keep_in_float(self, opts: Options, units: Sequence[str]) -> Options:
+        """``opts`` with ``units`` kept out of int8 (and nothing else changed)."""
+        raise TargetError(f"backend {self.name} cannot keep layers in float")

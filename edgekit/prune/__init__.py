@@ -9,6 +9,7 @@ No export toolchain is imported here: the pruned model is a plain ``nn.Module`` 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from edgekit.errors import TargetError
-from edgekit.model import count_macs, count_params, example_inputs, first_output
+from edgekit.inputs.model import count_macs, count_params, example_inputs, first_output
 from edgekit.progress import say, step
-from edgekit.recipe import InputSpec, PruneSpec
+from edgekit.config.recipe import InputSpec, PruneSpec
 
 IMPORTANCE_SAMPLES = 64   # calibration samples whose gradients rank channels and heads
 MAX_RATIO = 0.9           # no layer loses more than this, whatever a MACs budget asks
@@ -44,23 +45,72 @@ def outputs_of(model: nn.Module, batches: Sequence[tuple]) -> list[torch.Tensor]
         return [first_output(model(*b)).detach().float() for b in batches]
 
 
+@dataclass
+class _Analysis:
+    """What pruning needs to know about the model before any width changes."""
+
+    samples: list[tuple]
+    batches: list[tuple]
+    teacher: list[torch.Tensor]
+    towers: dict[str, set[str]]
+    heads: list
+    names: dict
+
+
 def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: PruneSpec, round_to: int,
                 prefix: str = "prune", evaluate: Optional[Callable[[nn.Module], float]] = None,
                 ) -> tuple[nn.Module, dict]:
-    """Prune ``model`` in place (and return it) per ``spec``; return the facts for the report."""
+    """Prune ``model`` in place (and return it) per ``spec``; return the facts for the report.
+    Steps: analyse (towers, attention, Taylor importance) -> choose the ratio scale (MACs budget) ->
+    prune -> recover (distillation, BatchNorm) -> freeze."""
+    model.eval()
+    facts: dict = {"ratio": spec.ratio, "ratios": dict(spec.ratios), "round_to": round_to,
+                   "recover_steps": spec.recover_steps, "params_before": count_params(model)}
+    an = _analyse(model, specs, calib, spec, prefix, facts)
+    # a MACs budget alone (no ratio set) scales a uniform ratio
+    default = 1.0 if spec.macs_budget is not None and not (spec.ratio or any(spec.ratios.values())) else spec.ratio
+    cut = _cutter(an, spec, default, round_to)
+    scale = 1.0
+    if spec.macs_budget is not None:
+        scale = _scale_for_budget(model, cut, max([default, *spec.ratios.values()]), spec.macs_budget,
+                                  facts["macs_before"], an.samples[0], prefix)
+        facts["macs_budget"], facts["ratio_scale"] = spec.macs_budget, round(scale, 4)
+    with step(prefix, f"prune (ratio {spec.ratio}, per tower {dict(spec.ratios) or '-'}"
+                      + (f", x{scale:.3f} for a MACs budget of {spec.macs_budget:g}" if spec.macs_budget else "")
+                      + f", widths to multiples of {round_to})") as s:
+        plan = cut(model, scale)
+        for w in plan.widths:
+            mods = an.towers.get(w["layer"], set())
+            if w["kind"] == "heads":
+                mods = next((an.towers[an.names[h.q]] for h in an.heads if h.name == w["layer"]), set())
+            w["tower"] = "+".join(sorted(mods)) or "none"
+        facts.update(params_after=count_params(model), macs_after=count_macs(model, an.samples[0]),
+                     widths=plan.widths, protected=plan.protected)
+        s["note"] = (f"MACs {facts['macs_before'] / 1e6:.1f}M -> {facts['macs_after'] / 1e6:.1f}M, "
+                     f"params {facts['params_before'] / 1e6:.2f}M -> {facts['params_after'] / 1e6:.2f}M")
+    if evaluate is not None:
+        facts["metric_after_prune"] = round(evaluate(model), 6)
+    if spec.recover_steps > 0:
+        _recover(model, an, plan, spec, prefix, facts)
+        _forward_check(model, an, "recovery")
+        if evaluate is not None:
+            facts["metric_after_recovery"] = round(evaluate(model), 6)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), facts
+
+
+def _analyse(model: nn.Module, specs: Sequence[InputSpec], calib, spec: PruneSpec, prefix: str,
+             facts: dict) -> _Analysis:
+    """Replace nn.MultiheadAttention by prunable q/k/v attention (checked equal), count MACs, find which
+    tower feeds each layer, accumulate Taylor gradients on the calibration data, find the heads."""
     from edgekit.prune.attention import find_heads, replace_mha
     from edgekit.prune.importance import accumulate_gradients
-    from edgekit.prune.pruner import Plan, prune_channels, prune_heads_all
-    from edgekit.prune.recovery import distill, kd_loss, reestimate_batchnorm
     from edgekit.prune.towers import layer_modalities
 
-    model.eval()
     samples = [example_inputs(specs, calib.sample(i)) for i in range(len(calib))]
     batches = make_batches(model, samples, spec.batch_size)
     teacher = outputs_of(model, batches)
-    facts: dict = {"ratio": spec.ratio, "ratios": dict(spec.ratios), "round_to": round_to,
-                   "recover_steps": spec.recover_steps, "params_before": count_params(model)}
-
     with step(prefix, "prune: analyse (towers, attention, Taylor importance)") as s:
         facts["mha_replaced"] = replace_mha(model)
         if facts["mha_replaced"]:
@@ -70,98 +120,77 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
                                   f"outputs (max diff {float((got - teacher[0]).abs().max()):.3g})")
         # MACs counted on the q/k/v form: torch's FLOP counter misses the fused MHA kernel's matmuls.
         facts["macs_before"] = count_macs(model, samples[0])
-        names = {m: n for n, m in model.named_modules()}
-        names_to_modules = dict(model.named_modules())
         towers = layer_modalities(model, specs, samples[:4])
-
         n_imp = max(1, -(-min(IMPORTANCE_SAMPLES, len(samples)) // len(batches[0][0])))
         accumulate_gradients(model, batches[:n_imp], teacher[:n_imp])
         heads = find_heads(model)
         s["note"] = f"{len(heads)} attention blocks, towers: " + ", ".join(
             f"{m}={sum(1 for v in towers.values() if v == {m})} layers"
             for m in sorted({m for v in towers.values() for m in v}))
+    return _Analysis(samples, batches, teacher, towers, heads, {m: n for n, m in model.named_modules()})
 
-    ref_shape = teacher[0][:1].shape
-    # a MACs budget alone (no ratio set) scales a uniform ratio
-    default = 1.0 if spec.macs_budget is not None and not (spec.ratio or any(spec.ratios.values())) else spec.ratio
 
-    def forward_check(m: nn.Module, what: str) -> None:
-        try:
-            with torch.no_grad():
-                out = first_output(m(*samples[0]))
-        except Exception as e:  # noqa: BLE001
-            raise TargetError(f"prune: the forward broke after pruning {what}: {type(e).__name__}: {e}") from None
-        if out.shape != ref_shape:
-            raise TargetError(f"prune: after pruning {what} the output shape is {tuple(out.shape)}, "
-                              f"not {tuple(ref_shape)}")
+def _forward_check(m: nn.Module, an: _Analysis, what: str) -> None:
+    """One forward after a pruning step: a shape break names what was pruned."""
+    try:
+        with torch.no_grad():
+            out = first_output(m(*an.samples[0]))
+    except Exception as e:  # noqa: BLE001
+        raise TargetError(f"prune: the forward broke after pruning {what}: {type(e).__name__}: {e}") from None
+    want = an.teacher[0][:1].shape
+    if out.shape != want:
+        raise TargetError(f"prune: after pruning {what} the output shape is {tuple(out.shape)}, not {tuple(want)}")
+
+
+def _cutter(an: _Analysis, spec: PruneSpec, default: float, round_to: int):
+    """``cut(m, scale)``: prune ``m`` (the model, or a copy of it) with every ratio multiplied by ``scale``."""
+    from edgekit.prune.attention import find_heads
+    from edgekit.prune.pruner import Plan, prune_channels, prune_heads_all
+
+    def ratio_of(layer: str, scale: float) -> float:
+        mods = an.towers.get(layer, set())
+        r = spec.ratios.get(next(iter(mods)), default) if len(mods) == 1 else default
+        return min(MAX_RATIO, r * scale)
 
     def cut(m: nn.Module, scale: float) -> Plan:
-        """Prune ``m`` (the model, or a copy of it) with every ratio multiplied by ``scale``."""
-        def ratio_of(layer: str) -> float:
-            mods = towers.get(layer, set())
-            r = spec.ratios.get(next(iter(mods)), default) if len(mods) == 1 else default
-            return min(MAX_RATIO, r * scale)
-
-        def check(what: str) -> None:
-            forward_check(m, what)
-
         plan, m_names, m_heads = Plan(), {x: n for n, x in m.named_modules()}, find_heads(m)
-        prune_heads_all(m_heads, m_names, ratio_of, round_to, check, plan)
-        prune_channels(m, samples[0], m_names, ratio_of, round_to, {lin for h in m_heads for lin in h.linears},
-                       check, plan, towers)
+        ratio = lambda layer: ratio_of(layer, scale)  # noqa: E731
+        check = lambda what: _forward_check(m, an, what)  # noqa: E731
+        prune_heads_all(m_heads, m_names, ratio, round_to, check, plan)
+        prune_channels(m, an.samples[0], m_names, ratio, round_to, {lin for h in m_heads for lin in h.linears},
+                       check, plan, an.towers)
         m.zero_grad(set_to_none=True)
         return plan
+    return cut
 
-    scale = 1.0
-    if spec.macs_budget is not None:
-        scale = _scale_for_budget(model, cut, max([default, *spec.ratios.values()]), spec.macs_budget,
-                                  facts["macs_before"], samples[0], prefix)
-        facts["macs_budget"], facts["ratio_scale"] = spec.macs_budget, round(scale, 4)
-    with step(prefix, f"prune (ratio {spec.ratio}, per tower {dict(spec.ratios) or '-'}"
-                      + (f", x{scale:.3f} for a MACs budget of {spec.macs_budget:g}" if spec.macs_budget else "")
-                      + f", widths to multiples of {round_to})") as s:
-        plan = cut(model, scale)
-        for w in plan.widths:
-            mods = towers.get(w["layer"], set())
-            if w["kind"] == "heads":
-                mods = next((towers[names[h.q]] for h in heads if h.name == w["layer"]), set())
-            w["tower"] = "+".join(sorted(mods)) or "none"
-        facts.update(params_after=count_params(model), macs_after=count_macs(model, samples[0]),
-                     widths=plan.widths, protected=plan.protected)
-        s["note"] = (f"MACs {facts['macs_before'] / 1e6:.1f}M -> {facts['macs_after'] / 1e6:.1f}M, "
-                     f"params {facts['params_before'] / 1e6:.2f}M -> {facts['params_after'] / 1e6:.2f}M")
-    if evaluate is not None:
-        facts["metric_after_prune"] = round(evaluate(model), 6)
 
-    if spec.recover_steps > 0:
-        with step(prefix, f"recover: {spec.recover_steps} distillation steps + BatchNorm re-estimation") as s:
-            pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")}
-            trained = sorted(n for n, mods in towers.items() if mods and mods <= pruned_towers)
-            params = [p for n in trained for p in names_to_modules[n].parameters(recurse=False)]
-            # every 5th batch is held out (early stopping, and the keep-if-better judgement)
-            held = [i for i in range(len(batches)) if i % 5 == 4] or [0]
-            train = [i for i in range(len(batches)) if i not in held] or held
-            held_b, held_t = [batches[i] for i in held], [teacher[i] for i in held]
-            before = kd_loss(model, held_b, held_t)
-            saved = copy.deepcopy(model.state_dict())
-            facts.update(distill(model, [batches[i] for i in train], [teacher[i] for i in train],
-                                 spec.recover_steps, spec.recover_lr, f"[{prefix}] distill", params, held_b, held_t))
-            facts["bn_reestimated"] = reestimate_batchnorm(model, batches, held_b, held_t)
-            after = kd_loss(model, held_b, held_t)
-            facts["trained_towers"] = sorted(pruned_towers)
-            facts["distill_loss"] = [round(before, 6), round(after, 6)]
-            facts["recovery_kept"] = after < before
-            if not facts["recovery_kept"]:
-                model.load_state_dict(saved)
-            s["note"] = (f"held-out loss {before:.4g} -> {after:.4g}, towers trained: "
-                         f"{', '.join(sorted(pruned_towers)) or 'none'}"
-                         + ("" if facts["recovery_kept"] else " (worse: the pruned weights are kept)"))
-        forward_check(model, "recovery")
-        if evaluate is not None:
-            facts["metric_after_recovery"] = round(evaluate(model), 6)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), facts
+def _recover(model: nn.Module, an: _Analysis, plan, spec: PruneSpec, prefix: str, facts: dict) -> None:
+    """Distil the pruned towers from the unpruned outputs, re-estimate BatchNorm; undo if worse."""
+    from edgekit.prune.recovery import distill, kd_loss, reestimate_batchnorm
+
+    with step(prefix, f"recover: {spec.recover_steps} distillation steps + BatchNorm re-estimation") as s:
+        modules = dict(model.named_modules())
+        pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")}
+        trained = sorted(n for n, mods in an.towers.items() if mods and mods <= pruned_towers)
+        params = [p for n in trained for p in modules[n].parameters(recurse=False)]
+        # every 5th batch is held out (early stopping, and the keep-if-better judgement)
+        held = [i for i in range(len(an.batches)) if i % 5 == 4] or [0]
+        train = [i for i in range(len(an.batches)) if i not in held] or held
+        held_b, held_t = [an.batches[i] for i in held], [an.teacher[i] for i in held]
+        before = kd_loss(model, held_b, held_t)
+        saved = copy.deepcopy(model.state_dict())
+        facts.update(distill(model, [an.batches[i] for i in train], [an.teacher[i] for i in train],
+                             spec.recover_steps, spec.recover_lr, f"[{prefix}] distill", params, held_b, held_t))
+        facts["bn_reestimated"] = reestimate_batchnorm(model, an.batches, held_b, held_t)
+        after = kd_loss(model, held_b, held_t)
+        facts["trained_towers"] = sorted(pruned_towers)
+        facts["distill_loss"] = [round(before, 6), round(after, 6)]
+        facts["recovery_kept"] = after < before
+        if not facts["recovery_kept"]:
+            model.load_state_dict(saved)
+        s["note"] = (f"held-out loss {before:.4g} -> {after:.4g}, towers trained: "
+                     f"{', '.join(sorted(pruned_towers)) or 'none'}"
+                     + ("" if facts["recovery_kept"] else " (worse: the pruned weights are kept)"))
 
 
 def _scale_for_budget(model: nn.Module, cut, top_ratio: float, budget: float, macs_before: int, example: tuple,
@@ -197,7 +226,7 @@ def _scale_for_budget(model: nn.Module, cut, top_ratio: float, budget: float, ma
 def torch_evaluator(specs: Sequence[InputSpec], eval_path: str, reference: np.ndarray, metric: str,
                     limit: Optional[int] = None, batch: int = 16) -> Callable[[nn.Module], float]:
     """A function scoring a torch model on the evaluation set against the fp32 reference outputs."""
-    from edgekit.verify import score
+    from edgekit.measure.verify import score
 
     with np.load(eval_path, allow_pickle=False) as z:
         n = min(len(z[specs[0].name]), limit or len(reference), len(reference))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekit.model import first_output
+from edgekit.inputs.model import first_output
 
 
 def ranking_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from edgekit.model import first_output
+from edgekit.inputs.model import first_output
 from edgekit.progress import bar, say
 
 

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from edgekit.model import first_output
-from edgekit.recipe import InputSpec
+from edgekit.inputs.model import first_output
+from edgekit.config.recipe import InputSpec
 
 
 def layer_outputs(model: nn.Module, layers: dict[str, nn.Module], args) -> dict[str, torch.Tensor]:

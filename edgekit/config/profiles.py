@@ -1,0 +1,119 @@
+"""Target profiles: one declarative TOML file per hardware target in ``targets/``.
+
+A profile names its backend and the device latency is measured on, and carries the backend's
+``[export]``, ``[quantize]`` and ``[runtime]`` options (validated by the backend's own schema) and
+the benchmark settings. A recipe names a target by its profile name (``ort-cpu``) or by a path to a
+profile file.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekit.errors import InputError
+
+
+class BenchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    warmup: int = Field(default=10, ge=0)
+    runs: int = Field(default=100, ge=1)
+
+
+class PruneSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    round_to: int = Field(default=1, ge=1)
+    """Pruned widths (channels, neurons, heads x head size) are multiples of this: the target's
+    kernels' vector/tile width, so a pruned layer does not pay for a padded remainder."""
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    backend: str
+    description: str = ""
+    device: str = Field(default="host", pattern=r"^(host|adb:.+|ssh:.+)$")
+    """Where latency is measured: ``host`` (this machine), ``ssh:[user@]host`` (a Linux board reached
+    over ssh; key from ssh-agent / ~/.ssh/config) or ``adb:SERIAL`` (an Android phone)."""
+    arch: Optional[str] = None
+    """The CPU architecture this target's latency stands for (``aarch64``, ``x86_64``). On a host of
+    another architecture latency is not measured (host numbers are never passed off as ARM numbers)."""
+    remote_python: str = "python3"
+    """The command that runs Python on an ``ssh:`` device (``python3``, ``/opt/venv/bin/python``, ...);
+    that Python needs numpy and the runtime (onnxruntime)."""
+    export: dict[str, Any] = {}
+    quantize: dict[str, Any] = {}
+    runtime: dict[str, Any] = {}
+    bench: BenchSettings = BenchSettings()
+    prune: PruneSettings = PruneSettings()
+    path: Optional[Path] = Field(default=None, exclude=True)
+
+
+def profile_dirs() -> list[Path]:
+    """Where built-in profiles live: $EDGEKIT_TARGETS, the checkout's targets/, the installed copy."""
+    dirs = []
+    if os.environ.get("EDGEKIT_TARGETS"):
+        dirs.append(Path(os.environ["EDGEKIT_TARGETS"]))
+    dirs.append(Path(__file__).resolve().parents[2] / "targets")
+    dirs.append(Path(sys.prefix) / "share" / "edgekit" / "targets")
+    return [d for d in dirs if d.is_dir()]
+
+
+def available() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(profile_dirs()):  # earlier dirs win
+        for f in sorted(d.glob("*.toml")):
+            found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def load_profile(name_or_path: str, base: Optional[Path] = None) -> Profile:
+    """Load a profile by name (``ort-cpu``) or by path (``./my-board.toml``, relative to ``base``)."""
+    if name_or_path.endswith(".toml"):
+        path = Path(name_or_path)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        if not path.is_file():
+            raise InputError(f"target profile {path}: file not found")
+    else:
+        known = available()
+        if name_or_path not in known:
+            raise InputError(f"unknown target {name_or_path!r}; known targets: {', '.join(known) or 'none'} "
+                             f"(or give a path to a profile .toml)")
+        path = known[name_or_path]
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"target profile {path}: not valid TOML: {e}") from None
+    try:
+        prof = Profile(**raw, path=path)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise InputError(f"target profile {path}: {errs}") from None
+    from edgekit.backends import get_backend
+
+    get_backend(prof.backend).validate_options(prof)  # raises InputError naming the profile
+    _check_device(prof, f"target profile {path}")
+    return prof
+
+
+def with_device(prof: Profile, device: str) -> Profile:
+    """The profile with its device replaced (``edgekit run --device``)."""
+    try:
+        new = Profile(**{**prof.model_dump(), "device": device}, path=prof.path)
+    except ValidationError:
+        raise InputError(f"--device {device!r}: expected host, ssh:[user@]host[:port] or adb:SERIAL") from None
+    _check_device(new, f"--device {device} for target {prof.name}")
+    return new
+
+
+def _check_device(prof: Profile, where: str) -> None:
+    from edgekit.backends import remote_backends
+
+    if prof.device.startswith("ssh:") and prof.backend not in remote_backends():
+        raise InputError(f"{where}: ssh devices run {', '.join(remote_backends())} artifacts; backend "
+                         f"{prof.backend!r} is timed on the host or over adb")

@@ -1,0 +1,272 @@
+"""Accuracy-aware quantization: never ship a collapsed int8 model silently.
+
+The policy lives here, once, for every toolchain; a backend only answers questions about its graph
+(``edgekit.backends.base.Backend``: ``quality_fixes``, ``units_of_modules``, ``rank_activations``,
+``keep_in_float``). After a target's first quantization the build worker scores the artifact on the
+first ``eval_samples`` evaluation samples with the report's metric against the fp32 torch reference.
+If the drop exceeds the target's ``max_metric_drop``, the search climbs a ladder, least fallback first,
+building, scoring and timing each step in-process:
+
+1. **Quality fixes, one build**: the backend's cheap fixes (fusions, calibration choices), and every
+   Conv/Linear whose int8 *weights* break its output (``edgekit.quantize.weights``, SQNR under
+   ``WEAK_DB``) kept in float: activation rankings cannot see weight rounding.
+2. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
+   latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration samples; the
+   units around the k worst are kept in float, k = 1, 2, 4, ... (every activation under ``BROKEN_DB``
+   at once: dozens of rounded-to-nothing ReLU6 outputs one by one would never finish). Ranking again
+   after each step matters: damage upstream hides damage downstream (an activation already rounded
+   to zero quantizes "exactly").
+
+The search stops at the first step within budget, when the backend has nothing left to keep in float,
+after ``max_steps``, or when the time left is less than the mean cost of a step (the first step has no
+estimate, so the budget can be overrun by at most one step). It keeps the fastest artifact within
+budget, or else the one with the lowest drop, and says which and why (``SearchOutcome``). This module
+never imports a toolchain.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from edgekit.measure.verify import score
+from edgekit.progress import say
+from edgekit.report.schema import SearchOutcome, SearchStep
+
+SENSITIVITY_SAMPLES = 8
+"""Calibration samples every sensitivity pass (weights and activations, every backend) runs on."""
+BROKEN_DB = 10.0
+"""An activation whose median channel SQNR is under this is mostly noise after int8: all such go at once."""
+
+
+@dataclass
+class Candidate:
+    """One step of the search: the backend's quantization options to build with, and why."""
+
+    label: str
+    opts: Any
+    kept_float: list[str] = field(default_factory=list)
+    """Units (the backend's node / op / module names) this step keeps in float, cumulative."""
+
+
+@dataclass
+class Scored:
+    candidate: Candidate
+    artifact: Any
+    metric: float
+    drop: float
+    latency_ms: Optional[float]
+    seconds: float
+
+    @property
+    def kept_float(self) -> list[str]:
+        """What the search kept in float, plus what the backend's calibration guard excluded."""
+        auto = (getattr(self.artifact, "details", None) or {}).get("excluded_nonfinite_nodes", [])
+        return sorted(set(self.candidate.kept_float) | set(auto))
+
+    def step(self) -> SearchStep:
+        return SearchStep(step=self.candidate.label, metric=round(self.metric, 6), drop=round(self.drop, 6),
+                          latency_ms=None if self.latency_ms is None else round(self.latency_ms, 3),
+                          kept_float=self.kept_float, seconds=round(self.seconds, 2))
+
+
+class SearchContext:
+    """What the driver needs: the backend, the data, the budget, the history of scored steps."""
+
+    def __init__(self, *, target: str, backend, runtime, calibration, samples: list[dict],
+                 reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
+                 time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None):
+        self.target, self.backend, self.runtime = target, backend, runtime
+        self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
+        self.calibration, self.samples = calibration, samples
+        self.reference, self.labels, self.metric = reference, labels, metric
+        self.fp32_metric = score(metric, reference, reference, labels)
+        self.max_drop, self.time_budget_s, self.max_steps = max_drop, time_budget_s, max_steps
+        self.timing_runs = timing_runs
+        self.start = time.perf_counter()
+        self.history: list[Scored] = []
+        self.tag = f"[{target}] quantize search"
+
+    @property
+    def best(self) -> Optional[Scored]:
+        return choose_best(self.history, self.max_drop)
+
+    def remaining(self) -> float:
+        return self.time_budget_s - (time.perf_counter() - self.start)
+
+    def evaluate(self, candidate: Candidate, artifact, seconds: float) -> Scored:
+        runner = self.backend.load(Path(artifact.path), self.runtime)
+        outs = np.stack([np.asarray(runner.run(s)[0]).reshape(-1) for s in self.samples])
+        metric = score(self.metric, outs, self.reference, self.labels)
+        lat = _latency_ms(runner, self.samples[0], self.timing_runs)
+        del runner
+        return Scored(candidate, artifact, metric, self.fp32_metric - metric, lat, seconds)
+
+
+def _latency_ms(runner, sample: dict, runs: int) -> float:
+    """A quick in-process p50 to choose between candidates (the report's latency is the measure worker's)."""
+    for _ in range(3):
+        runner.run(sample)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(sample)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def within(s: Scored, max_drop: float) -> bool:
+    return s.drop <= max_drop + 1e-9
+
+
+def choose_best(history: list[Scored], max_drop: float) -> Optional[Scored]:
+    """The fastest artifact within the accuracy budget; if none is, the one with the lowest drop."""
+    ok = [s for s in history if within(s, max_drop)]
+    if ok:
+        return min(ok, key=lambda s: (s.latency_ms if s.latency_ms is not None else float("inf")))
+    # ties (drops equal to 1e-4) go to the faster artifact
+    return min(history, key=lambda s: (round(s.drop, 4), s.latency_ms or 0.0)) if history else None
+
+
+# -- the ladder ---------------------------------------------------------------------------------------
+
+def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
+    """The candidates, least fallback first (module docstring). Reads ``ctx.history`` between steps."""
+    from edgekit.quantize.weights import WEAK_DB, weak_layers
+
+    backend = ctx.backend
+    # Rung 1: quality fixes + layers with weak int8 weights in float, in one build.
+    labels, update = [], {}
+    for fix in backend.quality_fixes(fp32, opts):
+        labels.append(fix.label)
+        update.update(fix.update)
+    base = opts.model_copy(update=update) if update else opts
+    weak = weak_layers(ctx.model, ctx.calibration, backend.weights_per_channel(opts), SENSITIVITY_SAMPLES)
+    units = backend.units_of_modules(fp32, ctx.history[0].artifact, [m for m, _ in weak]) if weak else []
+    if units:
+        say(f"{ctx.tag}: layers whose int8 weights break their output (SQNR dB): "
+            + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
+        base = backend.keep_in_float(base, units)
+        labels.append(f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB) in "
+                      f"float ({len(units)} units)")
+    if labels:
+        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base))
+        base = ctx.best.candidate.opts  # go on from the better of the default and rung 1
+    # Rung 2+: float fallback around the worst activations of the latest build, re-ranked every step.
+    kept = set(backend.float_units(base))
+    art = ctx.history[-1].artifact
+    k = 1
+    while True:
+        say(f"{ctx.tag}: per-channel SQNR of each quantized activation on "
+            f"{min(SENSITIVITY_SAMPLES, len(ctx.calibration))} calibration samples")
+        ranked = backend.rank_activations(art, ctx.calibration, SENSITIVITY_SAMPLES)
+        fresh = [(set(u) - kept, db) for u, db in ranked if set(u) - kept]
+        if not fresh:
+            return
+        say(f"{ctx.tag}: worst activations (median per-channel SQNR, dB): "
+            + ", ".join(f"{'/'.join(sorted(u))[:60]} {db:.1f}" for u, db in fresh[:5]))
+        k = max(k, sum(1 for _, db in fresh if db < BROKEN_DB))
+        for u, _ in fresh[:k]:
+            kept |= u
+        yield Candidate(f"float fallback: the units around the {min(k, len(fresh))} worst activations "
+                        f"({len(kept)} in float in all)", backend.keep_in_float(base, kept), kept_float=sorted(kept))
+        art = ctx.history[-1].artifact
+        k *= 2
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+def search(ctx: SearchContext, fp32, first, first_opts, out: Path,
+           candidates: Optional[Callable[[SearchContext], Iterator[Candidate]]] = None) -> tuple[Any, SearchOutcome]:
+    """Score ``first`` (the profile's quantization); climb the ladder if it misses the budget. Returns the
+    artifact to ship (its files moved into ``out``) and the outcome for the report. ``candidates``
+    replaces the ladder (tests)."""
+    first_scored = ctx.evaluate(Candidate("default (profile's quantization)", first_opts), first, 0.0)
+    ctx.history.append(first_scored)
+    say(f"{ctx.tag}: default drop {first_scored.drop:+.4f} ({ctx.metric} {first_scored.metric:.4f} vs fp32 "
+        f"{ctx.fp32_metric:.4f} on {len(ctx.samples)} samples), ~{first_scored.latency_ms:.2f} ms; "
+        f"budget {ctx.max_drop:g}")
+    stop = "default quantization within budget"
+    ctx.start = time.perf_counter()  # the budget is for the search itself
+    if not within(first_scored, ctx.max_drop):
+        gen = candidates(ctx) if candidates else ladder(ctx, fp32, first_opts)
+        stop = _loop(ctx, fp32, out, gen)
+    best = ctx.best
+    art = _keep(best, ctx.history, out)
+    ok = within(best, ctx.max_drop)
+    outcome = SearchOutcome(
+        status="ok" if ok else "failed",
+        reason=None if ok else (f"accuracy budget not met (best drop {best.drop:.4f} at {best.latency_ms:.2f} ms; "
+                                f"max_metric_drop {ctx.max_drop:g}; {stop})"),
+        max_metric_drop=ctx.max_drop, metric=ctx.metric, eval_samples=len(ctx.samples),
+        fp32_metric_on_subset=round(ctx.fp32_metric, 6), time_budget_s=ctx.time_budget_s,
+        search_s=round(time.perf_counter() - ctx.start, 2) if len(ctx.history) > 1 else 0.0,
+        stopped=stop, steps=[s.step() for s in ctx.history], chosen=ctx.history.index(best),
+        kept_float=best.kept_float,
+        before={"drop": round(first_scored.drop, 6), "latency_ms": round(first_scored.latency_ms, 3)},
+        after={"drop": round(best.drop, 6), "latency_ms": round(best.latency_ms, 3)},
+        latency_cost_ms=round(best.latency_ms - first_scored.latency_ms, 3))
+    say(f"{ctx.tag}: {'ok' if ok else 'FAILED'}: step {outcome.chosen} '{best.candidate.label}', drop "
+        f"{first_scored.drop:+.4f} -> {best.drop:+.4f}, ~{first_scored.latency_ms:.2f} -> "
+        f"{best.latency_ms:.2f} ms, {len(best.kept_float)} kept in float ({stop})")
+    return art, outcome
+
+
+def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate]) -> str:
+    costs: list[float] = []
+    while True:
+        if len(ctx.history) > ctx.max_steps:
+            return f"max_steps {ctx.max_steps} reached"
+        left = ctx.remaining()
+        need = float(np.mean(costs)) if costs else 0.0
+        if left <= 0 or need > left:
+            return f"time budget {ctx.time_budget_s:g} s spent" if left <= 0 else \
+                f"time budget: {left:.0f} s left, a step takes ~{need:.0f} s"
+        t0 = time.perf_counter()
+        try:
+            cand = next(gen)
+        except StopIteration:
+            return "no more candidates"
+        except Exception as e:  # noqa: BLE001 - a broken sensitivity pass ends the search, keeps the best
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            say(f"{ctx.tag}: the sensitivity pass failed ({msg})")
+            return f"sensitivity pass failed ({msg})"
+        i = len(ctx.history)
+        say(f"{ctx.tag} step {i}: {cand.label} ({left:.0f} s of budget left)")
+        folder = out / "search" / f"step{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            art = ctx.backend.quantize(fp32, ctx.calibration, folder, cand.opts)
+            scored = ctx.evaluate(cand, art, 0.0)
+        except Exception as e:  # noqa: BLE001 - a failed candidate is a step, not the target's failure
+            say(f"{ctx.tag} step {i}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            costs.append(time.perf_counter() - t0)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        scored.seconds = time.perf_counter() - t0
+        costs.append(scored.seconds)
+        ctx.history.append(scored)
+        say(f"{ctx.tag} step {i}: drop {scored.drop:+.4f}, ~{scored.latency_ms:.2f} ms, "
+            f"{len(scored.kept_float)} kept in float, {scored.seconds:.0f} s")
+        if within(scored, ctx.max_drop):
+            return "within budget"
+
+
+def _keep(best: Scored, history: list[Scored], out: Path):
+    """Move the chosen artifact's files into ``out`` (replacing the default's) and drop the others."""
+    art = best.artifact
+    if best is not history[0]:
+        for f in history[0].artifact.files:
+            Path(f).unlink(missing_ok=True)
+        moved = []
+        for f in art.files:
+            dest = out / Path(f).name
+            shutil.move(str(f), dest)
+            moved.append(dest)
+        art.path, art.files = out / Path(art.path).name, moved
+    shutil.rmtree(out / "search", ignore_errors=True)
+    return art

@@ -1,0 +1,57 @@
+"""Release CI's second look at a suspected latency regression (``edgekit ci --baseline``): measure again
+before failing the gate (see ``edgekit.release.baseline``)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from edgekit.backends import get_backend
+from edgekit.config.profiles import load_profile
+from edgekit.config.recipe import Recipe
+from edgekit.errors import InputError, TargetError
+from edgekit.progress import say
+from edgekit.release.baseline import REMEASURE
+from edgekit.report.schema import TargetRow
+from edgekit.run.jobs import ABJob, MeasureJob
+from edgekit.run.worker import run_in_worker
+
+
+def confirm_latency(recipe: Recipe, row: TargetRow, out: Path, baseline_report: Path, prev: TargetRow,
+                    repeats: int = REMEASURE) -> Optional[dict]:
+    """The baseline's and the current optimized artifact timed interleaved when the baseline's artifact
+    files are still next to its report, else the current one ``repeats`` times. None when it cannot
+    (e.g. the target's profile is gone)."""
+    try:
+        prof = load_profile(row.name, recipe.root)
+    except InputError:
+        return None
+    backend = get_backend(prof.backend)
+    _, _, runtime = backend.options(prof)
+    base_dir = Path(baseline_report)
+    base_dir = base_dir if base_dir.is_dir() else base_dir.parent
+    prev_files = [base_dir / f for f in (prev.optimized.files if prev.optimized else [])]
+    common = {"backend": prof.backend, "runtime": runtime.model_dump(),
+              "eval": str(recipe.resolve(recipe.data.evaluation)), "inputs": [i.name for i in recipe.model.inputs],
+              "warmup": prof.bench.warmup}
+    current = str(Path(out) / row.optimized.artifact)
+    with tempfile.TemporaryDirectory(prefix="edgekit-confirm-") as tmp:
+        log = Path(tmp) / "log"
+        try:
+            if prev_files and all(f.is_file() for f in prev_files):
+                say(f"[{prof.name}] latency regression suspected: timing baseline and current artifact interleaved")
+                res = run_in_worker("ab", ABJob(**common, baseline=str(base_dir / prev.optimized.artifact),
+                                                current=current, rounds=10, per_round=max(prof.bench.runs // 10, 5)),
+                                    Path(tmp) / "ab", log)
+                return {"method": "ab", "a": res.a, "b": res.b}
+            say(f"[{prof.name}] latency regression suspected: measuring the optimized artifact again")
+            lats = []
+            for i in range(repeats):
+                res = run_in_worker("measure", MeasureJob(**common, artifact=current, limit=1, runs=prof.bench.runs,
+                                                          outputs=str(Path(tmp) / "outputs.npy")),
+                                    Path(tmp) / f"measure{i}", log)
+                lats.append(res.latency_ms)
+            return {"method": "repeat", "latencies": lats}
+        except TargetError as e:
+            say(f"[{prof.name}] could not measure again: {e}")
+            return None

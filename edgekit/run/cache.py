@@ -1,0 +1,288 @@
+"""A content-addressed cache of builds (export + quantize), measurements and fp32 torch references.
+
+Where: ``$EDGEKIT_CACHE`` (default ``~/.cache/edgekit``); ``edgekit run --no-cache`` turns it off.
+
+What a key covers (sha256 of a canonical JSON document, see ``build_key``):
+- the build worker's job, with every file it names replaced by that file's sha256 (so extra inputs
+  other steps add to the job — a pruning config, a search space — become part of the key);
+- the recipe's ``[model]`` / ``[data]`` / other sections except ``[gates]`` (gates do not change artifacts);
+- the model: sha256 of every state_dict tensor (name, dtype, shape, bytes) and of the source file
+  (``file.py`` or ``.pt2``). Files the source imports are not hashed: change the source file or the
+  weights, or run with ``--no-cache``, when only a helper module changed;
+- the calibration and evaluation ``.npz`` files (sha256 of their bytes), the target profile file;
+- edgekit's version and the sha256 of its own source files (a development checkout changes code
+  without changing its version: a stale build must not be served), Python, torch, numpy and the
+  backend's toolchain versions.
+
+Entries are written into ``<cache>/tmp/`` and renamed into place (``os.rename`` of a directory is
+atomic on one file system), so a crash leaves at most an orphan in ``tmp/``, never a half entry.
+An entry holds ``entry.json`` (the stored result) and its files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from edgekit import __version__
+
+_HASH_CACHE: dict[tuple, str] = {}
+_SOURCE: dict[str, str] = {}
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit").expanduser()
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    st = p.stat()
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASH_CACHE[memo] = h.hexdigest()
+    return _HASH_CACHE[memo]
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_digest(model, source_file: Optional[Path]) -> str:
+    """sha256 over the state_dict (name, dtype, shape, raw bytes) and the model's source file."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = t.detach().cpu().contiguous()
+        try:
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError):  # dtypes without a byte view (e.g. quantized tensors)
+            h.update(repr(t.tolist()).encode())
+    if source_file is not None and Path(source_file).is_file():
+        h.update(b"source|" + file_sha256(source_file).encode())
+    return h.hexdigest()
+
+
+def source_digest() -> str:
+    """sha256 of edgekit's own ``.py`` files (paths and bytes), computed once per process."""
+    if "source" not in _SOURCE:
+        root = Path(__file__).resolve().parents[1]  # the edgekit package
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+        _SOURCE["source"] = h.hexdigest()
+    return _SOURCE["source"]
+
+
+def environment() -> dict:
+    """Versions that can change an artifact without any input changing."""
+    import numpy
+    import torch
+
+    return {"edgekit": __version__, "edgekit_source": source_digest(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "arch": platform.machine()}
+
+
+def _hash_paths(obj):
+    """The job with every string that names an existing file replaced by that file's sha256."""
+    if isinstance(obj, dict):
+        return {k: _hash_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_hash_paths(v) for v in obj]
+    if isinstance(obj, str) and len(obj) < 4096 and os.path.isabs(obj) and os.path.isfile(obj):
+        return {"file_sha256": file_sha256(obj)}
+    return obj
+
+
+@dataclass
+class Cache:
+    """``root=None`` is a disabled cache (every lookup misses, nothing is stored)."""
+
+    root: Optional[Path]
+    reuse_measurements: bool = False
+    hits: list = field(default_factory=list)
+
+    @classmethod
+    def open(cls, enabled: bool = True, reuse: bool = False) -> "Cache":
+        if not enabled:
+            return cls(None)
+        root = default_root()
+        try:
+            (root / "tmp").mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return cls(None)  # an unwritable cache is no cache, not a failed run
+        c = cls(root, reuse)
+        c._clean_tmp()
+        return c
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _clean_tmp(self, older_than_s: float = 24 * 3600) -> None:
+        """Orphans of crashed writers (never read; removed once old enough not to be in use)."""
+        now = time.time()
+        for p in (self.root / "tmp").iterdir():
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+    def get(self, kind: str, key: str) -> Optional[Path]:
+        if not self.enabled:
+            return None
+        entry = self.root / kind / key
+        return entry if (entry / "entry.json").is_file() else None
+
+    def put(self, kind: str, key: str, fill: Callable[[Path], dict]) -> Optional[Path]:
+        """``fill(dir)`` writes the entry's files into a fresh dir and returns its entry.json content;
+        the dir is then renamed into place in one step. A concurrent writer of the same key wins."""
+        if not self.enabled:
+            return None
+        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            meta = fill(tmp)
+            with open(tmp / "entry.json", "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.root / kind / key
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # someone stored the same key first (or an old entry is there): keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # -- the three things cached ------------------------------------------------------------------
+
+    def build(self, key: str, out: Path, run: Callable[[], dict]) -> tuple[dict, bool]:
+        """The build worker's result with its artifacts in ``out``: copied from the cache on a hit,
+        else built by ``run()`` and stored. Returns (result, hit)."""
+        entry = self.get("builds", key)
+        if entry is not None:
+            meta = json.loads((entry / "entry.json").read_text())
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(entry / "files", out)
+            return _relocate(meta["result"], "@OUT@", str(out)), True
+        result = run()
+        if self.enabled and not result.get("optimized_error"):  # failed quantization: try again next time
+            def fill(tmp: Path) -> dict:
+                shutil.copytree(out, tmp / "files")
+                return {"key": key, "created": time.time(), "result": _relocate(result, str(out), "@OUT@")}
+            self.put("builds", key, fill)
+        return result, False
+
+    def measure(self, key: str, outputs: Path, run: Callable[[], dict]) -> tuple[dict, bool]:
+        """A measure worker's result (and its outputs .npy). Reused only with ``--reuse``; otherwise
+        measured again (the point of a release run) and the stored one refreshed."""
+        entry = self.get("measure", key) if self.reuse_measurements else None
+        if entry is not None:
+            shutil.copyfile(entry / "outputs.npy", outputs)
+            return json.loads((entry / "entry.json").read_text())["result"], True
+        result = run()
+        if self.enabled:
+            old = self.get("measure", key)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+            def fill(tmp: Path) -> dict:
+                shutil.copyfile(outputs, tmp / "outputs.npy")
+                return {"key": key, "created": time.time(), "result": result}
+            self.put("measure", key, fill)
+        return result, False
+
+    def value(self, key: str, compute: Callable[[], object]):
+        """A small JSON value (e.g. the model's MAC count), computed once per key."""
+        entry = self.get("values", key)
+        if entry is not None:
+            return json.loads((entry / "entry.json").read_text())["value"]
+        val = compute()
+        self.put("values", key, lambda tmp: {"key": key, "value": val})
+        return val
+
+    def array(self, key: str, compute: Callable[[], "object"]):
+        """A numpy array (the fp32 torch reference outputs), computed once per key."""
+        import numpy as np
+
+        entry = self.get("reference", key)
+        if entry is not None:
+            return np.load(entry / "array.npy"), True
+        arr = compute()
+
+        def fill(tmp: Path) -> dict:
+            np.save(tmp / "array.npy", arr)
+            return {"key": key, "created": time.time()}
+        self.put("reference", key, fill)
+        return arr, False
+
+
+def _relocate(obj, old: str, new: str):
+    if isinstance(obj, dict):
+        return {k: _relocate(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relocate(v, old, new) for v in obj]
+    if isinstance(obj, str) and obj.startswith(old):
+        return new + obj[len(old):]
+    return obj
+
+
+@dataclass
+class Keys:
+    """What every key of one run shares: the model, the data, the environment."""
+
+    model: str
+    recipe: dict
+    calibration: str
+    evaluation: str
+    env: dict
+
+    @classmethod
+    def for_run(cls, recipe, model, calib_path: Path, eval_path: Path) -> "Keys":
+        src = recipe.model.source
+        src_file = recipe.resolve(src.rpartition(":")[0] if not src.endswith(".pt2") else src)
+        spec = recipe.model_dump(mode="json", exclude={"gates"})
+        # How a path is spelled does not matter, what it holds does: the model source as an absolute
+        # path, the data files by their sha256 (below) instead of their paths.
+        spec["model"]["source"] = str(src_file) + (src[len(src.rpartition(":")[0]):] if not src.endswith(".pt2") else "")
+        spec.pop("targets", None)  # each build's key has its own target profile
+        spec["data"].pop("calibration", None)
+        spec["data"].pop("evaluation", None)
+        return cls(model=model_digest(model, src_file), recipe=spec,
+                   calibration=file_sha256(calib_path), evaluation=file_sha256(eval_path), env=environment())
+
+    def reference(self) -> str:
+        return digest({"what": "reference", "model": self.model, "recipe": self.recipe,
+                       "evaluation": self.evaluation, "env": self.env})
+
+    def macs(self) -> str:
+        return digest({"what": "macs", "model": self.model, "inputs": self.recipe["model"]["inputs"],
+                       "env": self.env})
+
+    def build(self, job: dict, profile_path: Path, versions: dict) -> str:
+        """``job``: the build job's ``identity()`` (what the build depends on, not where it writes)."""
+        return digest({"what": "build", "job": _hash_paths(job), "profile": file_sha256(profile_path),
+                       "model": self.model, "recipe": self.recipe, "calibration": self.calibration,
+                       "env": self.env, "toolchain": versions})
+
+    def measure(self, build_key: str, kind: str, job: dict, machine: dict) -> str:
+        """``job``: the measure job's ``identity()``; the artifact's bytes are covered by ``build_key``."""
+        return digest({"what": "measure", "build": build_key, "kind": kind, "job": _hash_paths(job),
+                       "machine": machine})

@@ -1,0 +1,132 @@
+"""What the pipeline asks of its worker processes and what they answer, as typed models (JSON on disk).
+
+A job's ``identity()`` is what its result depends on (the build cache's key); the rest of it only says
+where to put things (``LOCATIONS``).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from edgekit.report.schema import Latency, PruneFacts, SearchOutcome
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    LOCATIONS: ClassVar[frozenset[str]] = frozenset()
+    """Fields that say where files go, not what is computed: left out of ``identity()``."""
+
+    def identity(self) -> dict:
+        return self.model_dump(mode="json", exclude=set(self.LOCATIONS))
+
+
+class SearchSpec(_Job):
+    """The accuracy-aware search's settings for one target (``edgekit.quantize.search``)."""
+
+    reference: str
+    """.npy of the fp32 torch outputs on the evaluation set."""
+    max_drop: float
+    time_budget_s: float
+    eval_samples: int
+    max_steps: int
+
+
+class PruneEval(_Job):
+    """Where the pruning step scores the pruned torch model (against the fp32 reference)."""
+
+    LOCATIONS = frozenset({"cache"})
+    eval: str
+    reference: str
+    limit: int
+    cache: Optional[str] = None
+    """This run's folder of pruned models, shared by targets with the same round_to (not an input)."""
+
+
+class BuildJob(_Job):
+    """Export fp32 + quantize (+ prune, + search) one target."""
+
+    LOCATIONS = frozenset({"out", "recipe"})  # the recipe's content is part of the cache key on its own
+    recipe: str
+    target: str
+    out: str
+    search: Optional[SearchSpec] = None
+    prune_eval: Optional[PruneEval] = None
+
+    def identity(self) -> dict:
+        d = super().identity()
+        if self.prune_eval is not None:
+            d["prune_eval"] = self.prune_eval.identity()
+        return d
+
+
+class BuiltArtifact(BaseModel):
+    path: str
+    files: list[str]
+    precision: str
+    details: dict[str, Any] = {}
+
+    @classmethod
+    def of(cls, a) -> "BuiltArtifact":
+        return cls(path=str(a.path), files=[str(f) for f in a.files], precision=a.precision, details=a.details)
+
+
+class BuildResult(BaseModel):
+    timings: dict[str, float] = {}
+    fp32: Optional[BuiltArtifact] = None
+    optimized: Optional[BuiltArtifact] = None
+    extras: dict[str, BuiltArtifact] = {}
+    quantize_search: Optional[SearchOutcome] = None
+    quantize_search_error: Optional[str] = None
+    prune: Optional[PruneFacts] = None
+    optimized_error: Optional[str] = None
+    """The fp32 artifact was built but quantization failed: fp32 is still verified and timed."""
+
+    def artifacts(self) -> Iterator[tuple[str, BuiltArtifact]]:
+        for kind, art in (("fp32", self.fp32), ("optimized", self.optimized), *sorted(self.extras.items())):
+            if art is not None:
+                yield kind, art
+
+
+class MeasureJob(_Job):
+    """Load one artifact, run the evaluation set (outputs saved), time one sample."""
+
+    LOCATIONS = frozenset({"artifact", "outputs"})  # the artifact's bytes are in the build's key
+    backend: str
+    artifact: str
+    runtime: dict[str, Any]
+    eval: str
+    inputs: list[str]
+    limit: int
+    warmup: int
+    runs: int
+    bench: bool = True
+    outputs: str
+
+
+class MeasureResult(BaseModel):
+    load_ms: float
+    runtime_device: Optional[str] = None
+    io: Optional[dict[str, Any]] = None
+    latency_ms: Optional[Latency] = None
+    peak_rss_mb: Optional[float] = None
+
+
+class ABJob(_Job):
+    """Time a baseline's and the current artifact interleaved (release CI's re-measurement)."""
+
+    backend: str
+    runtime: dict[str, Any]
+    eval: str
+    inputs: list[str]
+    warmup: int
+    baseline: str
+    current: str
+    rounds: int
+    per_round: int
+
+
+class ABResult(BaseModel):
+    a: Latency
+    b: Latency
+    ratio_p50: float

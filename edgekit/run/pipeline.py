@@ -1,0 +1,295 @@
+"""The run: validate everything, then per target build -> verify + benchmark -> judge, then the report.
+
+Nothing is written before the inputs are validated, and the output directory appears only when the
+report is complete: work happens in ``<out>.partial`` and is renamed at the end (removed on error).
+Each target's toolchain work runs in worker processes (``edgekit.run.worker``); a failed target becomes a
+``failed`` row and the other targets still run.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from edgekit import __version__
+from edgekit.backends import get_backend
+from edgekit.config.profiles import Profile, load_profile, with_device
+from edgekit.config.recipe import Recipe, load_recipe
+from edgekit.errors import InputError, TargetError
+from edgekit.measure import devices
+from edgekit.measure.machine import host_device, machine
+from edgekit.measure.verify import fidelity, score
+from edgekit.progress import bar, say, step
+from edgekit.release import gates
+from edgekit.report import manifest, write as write_report
+from edgekit.report.markdown import summary_line
+from edgekit.report.schema import (ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow)
+from edgekit.run.cache import Cache, Keys
+from edgekit.run.jobs import BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec
+from edgekit.run.worker import run_in_worker
+
+
+@dataclass
+class Prepared:
+    """Everything validated before any output is written."""
+
+    recipe: Recipe
+    profiles: list[Profile]
+    out: Path
+
+
+def prepare(recipe_path: str | Path, targets: Optional[Sequence[str]], out: Optional[str | Path],
+            device: Optional[str] = None) -> Prepared:
+    recipe = load_recipe(recipe_path)
+    names = list(targets) if targets else recipe.targets
+    profiles = [load_profile(n, recipe.root) for n in names]
+    if device:
+        profiles = [with_device(p, device) for p in profiles]
+    out_dir = Path(out) if out else Path("runs") / recipe.name
+    check_output_dir(out_dir)
+    return Prepared(recipe, profiles, out_dir.resolve())
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise InputError(f"output directory {out}: not empty and not an earlier edgekit output; "
+                         f"refusing to overwrite it (choose another --out)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"output directory {out}: not writable ({e.strerror or e})") from None
+
+
+@dataclass
+class _Run:
+    """What every target of one run shares."""
+
+    recipe: Recipe
+    staging: Path
+    reference: np.ndarray
+    labels: Optional[np.ndarray]
+    fp32_metric: float
+    cache: Cache
+    keys: Optional[Keys]
+
+
+def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
+        out: Optional[str | Path] = None, device: Optional[str] = None,
+        cache: Optional[Cache] = None) -> Report:
+    """Run the whole pipeline; return the report (also written to ``<out>/report.json``).
+    ``cache``: see ``edgekit.run.cache`` (default: the user's cache, re-measuring cached builds)."""
+    from edgekit.inputs.data import check_disjoint, load_calibration, load_evaluation
+    from edgekit.inputs.model import check_forward, configure_torch, count_macs, count_params, example_inputs, \
+        load_model, reference_outputs
+
+    prep = prepare(recipe_path, targets, out, device)
+    configure_torch()
+    recipe = prep.recipe
+    calib = load_calibration(recipe)
+    evals = load_evaluation(recipe)
+    check_disjoint(calib, evals)
+    model = load_model(recipe)
+    check_forward(model, recipe.model.inputs, evals.sample(0))
+    cache = cache if cache is not None else Cache.open()
+    keys = Keys.for_run(recipe, model, calib.path, evals.path) if cache.enabled else None
+
+    staging = prep.out.with_name(prep.out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "logs").mkdir(parents=True)
+    try:
+        with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
+            reference, hit = cache.array(keys.reference() if keys else "", lambda: reference_outputs(
+                model, recipe.model.inputs, bar(evals, len(evals), "fp32 torch")))
+            fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
+            s["note"] = ("cached; " if hit else "") + f"{recipe.data.metric} = {fp32_metric:.4f}"
+        from edgekit import report
+
+        doc = Report(
+            edgekit_version=__version__, created=report.now(), machine=Machine(**machine()),
+            recipe={"path": str(recipe.path), "sha256": recipe.digest()},
+            model=ModelInfo(name=recipe.name, source=recipe.model.source, params=count_params(model),
+                            macs=cache.value(keys.macs() if keys else "", lambda: count_macs(
+                                model, example_inputs(recipe.model.inputs, evals.sample(0)))),
+                            inputs=[i.model_dump() for i in recipe.model.inputs]),
+            calibration={"path": str(calib.path), "n": len(calib)},
+            eval=EvalInfo(path=str(evals.path), metric=recipe.data.metric, n=len(evals),
+                          fp32_torch=round(fp32_metric, 6)))
+        del model
+        shared = _Run(recipe, staging, reference, evals.labels, fp32_metric, cache, keys)
+        doc.targets = [run_target(prof, shared) for prof in prep.profiles]
+        doc.gates = gates.evaluate(recipe.gates, doc.targets)
+        shutil.rmtree(staging / "prune_cache", ignore_errors=True)
+        doc.cache = {"enabled": cache.enabled, "root": str(cache.root) if cache.enabled else None,
+                     "reuse_measurements": cache.reuse_measurements}
+        manifest.write(doc, staging)
+        write_report(doc, staging)
+        _publish(staging, prep.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return doc
+
+
+def run_target(prof: Profile, shared: _Run) -> TargetRow:
+    """Build, verify + benchmark every artifact, judge. A TargetError makes the row ``failed``."""
+    backend = get_backend(prof.backend)
+    _, _, runtime = backend.options(prof)
+    row = TargetRow(name=prof.name, backend=prof.backend, description=prof.description,
+                    device=devices.label(prof.device), threads=getattr(runtime, "threads", None),
+                    versions=backend.versions())
+    work = shared.staging / "work" / prof.name
+    work.mkdir(parents=True, exist_ok=True)
+    log = shared.staging / "logs" / f"{prof.name}.log"
+    try:
+        built, build_key = _build(prof, shared, row, work, log)
+        for kind, art in built.artifacts():
+            row.add_artifact(kind, _measure(kind, art, prof, backend, runtime, shared, row, build_key, work, log))
+        if built.optimized_error:
+            raise TargetError(built.optimized_error)
+        _judge(row, shared.fp32_metric)
+        say(f"[{prof.name}] ok: {summary_line(row)}")
+    except TargetError as e:
+        row.status, row.reason = "failed", str(e)
+        say(f"[{prof.name}] FAILED: {e}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def _build(prof: Profile, shared: _Run, row: TargetRow, work: Path, log: Path) -> tuple[BuildResult, str]:
+    """The build worker's result for this target (from the cache when its inputs are unchanged)."""
+    recipe = shared.recipe
+    ref_path = work / "reference.npy"  # the fp32 torch outputs the search and pruning score against
+    np.save(ref_path, shared.reference)
+    job = BuildJob(recipe=str(recipe.path), target=str(prof.path), out=str(shared.staging / "artifacts" / prof.name),
+                   search=_search_spec(prof, recipe, ref_path))
+    if recipe.prune is not None:  # the worker scores the pruned torch model against this reference
+        job.prune_eval = PruneEval(eval=str(recipe.resolve(recipe.data.evaluation)), reference=str(ref_path),
+                                   limit=len(shared.reference), cache=str(shared.staging / "prune_cache"))
+    key = shared.keys.build(job.identity(), prof.path, row.versions) if shared.keys else ""
+    result, hit = shared.cache.build(key, Path(job.out), lambda: run_in_worker(
+        "build", job, work / "build", log).model_dump(mode="json"))
+    built = BuildResult.model_validate(result)
+    row.cache = {"key": key[:16] or None, "build": "hit" if hit else "miss", "measure": {}}
+    if hit:
+        say(f"[{prof.name}] build: cached ({shared.cache.root}/builds/{key[:16]}...)")
+    row.timings = built.timings
+    row.quantize_search, row.prune = built.quantize_search, built.prune
+    return built, key
+
+
+def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, shared: _Run, row: TargetRow,
+             build_key: str, work: Path, log: Path) -> ArtifactResult:
+    """Verify one artifact on every evaluation sample and time it, in a fresh worker process (and on the
+    board for an ``ssh:`` device)."""
+    recipe = shared.recipe
+    remote = prof.device.startswith("ssh:")  # verified here, timed there
+    unmeasurable = devices.unmeasurable_reason(prof.device, prof.arch) or (
+        None if remote else backend.unmeasurable_reason(runtime))
+    say(f"[{prof.name}] verify + benchmark {kind} ({art.precision})")
+    job = MeasureJob(backend=prof.backend, artifact=art.path, runtime=runtime.model_dump(),
+                     eval=str(recipe.resolve(recipe.data.evaluation)), inputs=[i.name for i in recipe.model.inputs],
+                     limit=len(shared.reference), warmup=prof.bench.warmup, runs=prof.bench.runs,
+                     bench=unmeasurable is None and not remote, outputs=str(work / f"{kind}_outputs.npy"))
+    key = shared.keys.measure(build_key, kind, job.identity(), machine()) if shared.keys else ""
+    res, hit = shared.cache.measure(key, Path(job.outputs), lambda: run_in_worker(
+        "measure", job, work / f"measure_{kind}", log).model_dump(mode="json"))
+    measured = MeasureResult.model_validate(res)
+    row.cache["measure"][kind] = "reused" if hit else "measured"
+    outputs = np.load(job.outputs)
+    verified_on = _on(host_device(), measured.runtime_device)
+    if remote and unmeasurable is None:
+        say(f"[{prof.name}] benchmark {kind} on {prof.device}")
+        timed = _time_remotely(prof, backend, runtime, art.files, recipe)
+        row.device_info = timed.pop("machine")
+        measured = MeasureResult.model_validate(timed)
+    return ArtifactResult(
+        artifact=_rel(art.path, shared.staging), files=[_rel(f, shared.staging) for f in art.files],
+        size_bytes=sum(Path(f).stat().st_size for f in art.files), precision=art.precision, details=art.details,
+        metric=round(score(recipe.data.metric, outputs, shared.reference, shared.labels), 6),
+        fidelity=fidelity(outputs, shared.reference), latency_ms=measured.latency_ms, latency_reason=unmeasurable,
+        load_ms=measured.load_ms, peak_rss_mb=measured.peak_rss_mb, io=measured.io, verified_on=verified_on,
+        measured_on=None if unmeasurable else _on(row.device, measured.runtime_device))
+
+
+def _judge(row: TargetRow, fp32_metric: float) -> None:
+    """The row's comparisons (drop, size ratio, speed-up, pruning's effect) and the search's verdict."""
+    fp, op = row.fp32, row.optimized
+    row.metric_drop = round(fp32_metric - op.metric, 6)
+    row.size_ratio = round(op.size_bytes / fp.size_bytes, 4)
+    if fp.p50 and op.p50:
+        row.speedup_p50 = round(fp.p50 / op.p50, 3)
+    if row.prune is not None:
+        _prune_effect(row)
+    qs = row.quantize_search
+    if qs is not None and qs.status != "ok":
+        # Built, verified and timed: judged as a failed max_metric_drop gate, not a crash.
+        row.budget_missed = True
+        lat = op.p50 if op.p50 is not None else qs.after["latency_ms"]
+        raise TargetError(f"accuracy budget not met (best drop {row.metric_drop:.4f} at {lat:.2f} ms; "
+                          f"max_metric_drop {qs.max_metric_drop:g}; {len(qs.steps) - 1} search steps in "
+                          f"{qs.search_s:.0f} s, stopped: {qs.stopped})")
+
+
+def _prune_effect(row: TargetRow) -> None:
+    """What pruning did on this target's runtime: the metric after quantization, and the latency of the
+    pruned int8 artifact vs the unpruned int8 one (extra ``int8_unpruned``, same quantization options)."""
+    pr, op = row.prune, row.optimized
+    pr.metric_after_quantize = op.metric
+    base = (row.extras or {}).get("int8_unpruned")
+    if base:
+        pr.int8_unpruned_metric = base.metric
+        if base.p50 and op.p50:
+            pr.latency_p50_ms = {"int8_unpruned": base.p50, "pruned_int8": op.p50}
+            pr.speedup_vs_int8_unpruned = round(base.p50 / op.p50, 3)
+
+
+def _on(device: str, runtime_device: Optional[str]) -> str:
+    return f"{device} ({runtime_device})" if runtime_device else device
+
+
+def _time_remotely(prof: Profile, backend, runtime, files: list[str], recipe: Recipe) -> dict:
+    from edgekit.measure import remote
+
+    with np.load(recipe.resolve(recipe.data.evaluation), allow_pickle=False) as z:
+        feed = {i.name: z[i.name][:1] for i in recipe.model.inputs}
+    return remote.benchmark(prof.device, files, feed, runner=backend.remote_runner(),
+                            settings=backend.remote_settings(runtime),
+                            warmup=prof.bench.warmup, runs=prof.bench.runs, python=prof.remote_python)
+
+
+def _search_spec(prof: Profile, recipe: Recipe, ref_path: Path) -> Optional[SearchSpec]:
+    """The build job's accuracy-aware quantization settings (edgekit.quantize.search), or None: on by
+    default where the target has a max_metric_drop gate, off with ``[quantize] search = false``."""
+    max_drop = recipe.gates.for_target(prof.name).max_metric_drop
+    q = recipe.quantize
+    if q.search is False or max_drop is None:
+        return None
+    return SearchSpec(reference=str(ref_path), max_drop=max_drop, time_budget_s=q.time_budget_s,
+                      eval_samples=q.eval_samples, max_steps=q.max_steps)
+
+
+def _rel(path: str, root: Path) -> str:
+    """Artifact paths in the report are relative to the output directory."""
+    return Path(path).relative_to(root).as_posix()
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace ``out`` (an earlier edgekit output, checked in prepare) with the finished staging dir."""
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)

@@ -1,0 +1,246 @@
+"""Worker processes: the heavy, crash-prone toolchain work runs here, one process per job, so a
+native crash in one toolchain fails one target instead of the run.
+
+``python -m edgekit.run.worker build JOB.json``   prune, export fp32, quantize (+ search) one target
+``python -m edgekit.run.worker measure JOB.json`` load one artifact, run the evaluation set, benchmark it
+``python -m edgekit.run.worker ab JOB.json``      time a baseline and a current artifact interleaved
+
+The job file is ``{"job": <edgekit.run.jobs model>, "result": PATH}``; the worker writes
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ..., "traceback": ...}`` to PATH.
+``run_in_worker`` is the parent's side: it starts one, streams its stderr and returns the typed result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import InputError, TargetError
+from edgekit.progress import say, step
+from edgekit.run.jobs import (ABJob, ABResult, BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult,
+                              PruneEval, SearchSpec)
+
+KINDS = {"build": (BuildJob, BuildResult), "measure": (MeasureJob, MeasureResult), "ab": (ABJob, ABResult)}
+
+
+# -- the parent's side ----------------------------------------------------------------------------------
+
+def run_in_worker(kind: str, job, stem: Path, log: Path):
+    """Run one worker process; stream its stderr to ours and to the target's log; return its result
+    (``KINDS[kind][1]``). A failure or crash raises TargetError with the worker's reason."""
+    result_path = Path(str(stem) + ".result.json")
+    job_file = Path(str(stem) + ".job.json")
+    job_file.write_text(json.dumps({"job": job.model_dump(mode="json"), "result": str(result_path)}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail = b""
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.run.worker", kind, str(job_file)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        try:
+            for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                logf.write(chunk)
+                tail = (tail + chunk)[-4000:]
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+    if not result_path.is_file():
+        how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+        last = "\n".join(tail.decode(errors="replace").strip().splitlines()[-8:])
+        raise TargetError(f"the {kind} worker crashed ({how}); last output:\n{last}")
+    answer = json.loads(result_path.read_text())
+    if not answer["ok"]:
+        if answer.get("traceback"):
+            with open(log, "a") as logf:
+                logf.write(answer["traceback"])
+        raise TargetError(answer["error"])
+    return KINDS[kind][1].model_validate(answer["result"])
+
+
+# -- build ---------------------------------------------------------------------------------------------
+
+def build(job: BuildJob) -> BuildResult:
+    from edgekit.backends import get_backend
+    from edgekit.config.profiles import load_profile
+    from edgekit.config.recipe import load_recipe
+    from edgekit.inputs.data import load_calibration
+    from edgekit.inputs.model import configure_torch, example_inputs, load_model
+
+    recipe = load_recipe(job.recipe)
+    profile = load_profile(job.target, recipe.root)
+    backend = get_backend(profile.backend)
+    export_opts, quant_opts, _ = backend.options(profile)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configure_torch()
+    model = load_model(recipe)
+    calib = load_calibration(recipe)
+    args = example_inputs(recipe.model.inputs, calib.sample(0))
+
+    result = BuildResult()
+    pruned = None
+    if recipe.prune is not None:  # prune a copy first: the fp32 baseline below stays the unpruned model
+        pruned = _prune(model, recipe, profile, calib, job.prune_eval, result)
+    with step(profile.name, "export fp32") as s:
+        fp32 = backend.export_fp32(model, args, recipe.model.inputs, out, export_opts)
+    result.timings["export_s"] = s["seconds"]
+    result.fp32 = BuiltArtifact.of(fp32)
+    try:
+        with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
+            opt = backend.quantize(fp32, calib, out, quant_opts)
+        result.timings["quantize_s"] = s["seconds"]
+        q_fp32, q_out = fp32, out
+        if pruned is not None:  # optimized = pruned + quantized; the unpruned int8 artifact shows what pruning adds
+            result.extras["int8_unpruned"] = BuiltArtifact.of(opt)
+            with step(profile.name, "export + quantize the pruned model") as s:
+                q_out = out / "pruned"
+                q_out.mkdir(exist_ok=True)
+                q_fp32 = backend.export_fp32(pruned, args, recipe.model.inputs, q_out, export_opts)
+                opt = backend.quantize(q_fp32, calib, q_out, quant_opts)
+            result.timings["prune_export_quantize_s"] = s["seconds"]
+        if job.search is not None:  # accuracy-aware search on what ships (the pruned model, if pruned)
+            try:
+                opt, result.quantize_search, chosen = _search(job.search, recipe, profile, backend, q_fp32, opt,
+                                                              quant_opts, calib, q_out,
+                                                              model if pruned is None else pruned)
+                result.timings["quantize_search_s"] = result.quantize_search.search_s
+                if pruned is not None and chosen != quant_opts:
+                    _unpruned_like_shipped(result, backend, fp32, calib, out, chosen, profile.name)
+            except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
+                say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
+                    f"keeping the profile's quantization")
+                result.quantize_search_error = f"{type(e).__name__}: {e}"
+        result.optimized = BuiltArtifact.of(opt)
+    except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
+        result.optimized_error = str(e)
+    for name, art in backend.variants(fp32, out, quant_opts).items():
+        result.extras[name] = BuiltArtifact.of(art)
+    return result
+
+
+def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, quant_opts, calib, out: Path, model):
+    """Accuracy-aware quantization (edgekit.quantize.search): score ``opt``, search if it misses.
+    Returns (artifact to ship, outcome, the options it was built with)."""
+    from edgekit.inputs.data import load_evaluation
+    from edgekit.quantize.search import SearchContext, search
+
+    evals = load_evaluation(recipe)
+    n = min(spec.eval_samples, len(evals))
+    _, _, runtime = backend.options(profile)
+    ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
+                        samples=[evals.sample(i) for i in range(n)], reference=np.load(spec.reference)[:n],
+                        labels=None if evals.labels is None else evals.labels[:n], metric=recipe.data.metric,
+                        max_drop=spec.max_drop, time_budget_s=spec.time_budget_s, max_steps=spec.max_steps,
+                        model=model)
+    art, outcome = search(ctx, fp32, opt, quant_opts, out)
+    return art, outcome, ctx.best.candidate.opts
+
+
+def _unpruned_like_shipped(result: BuildResult, backend, fp32, calib, out: Path, chosen, target: str) -> None:
+    """Rebuild the ``int8_unpruned`` reference with the options the search chose for the pruned model
+    (same layers kept in float, by name), so the latency comparison isolates what pruning adds."""
+    for f in result.extras["int8_unpruned"].files:
+        Path(f).unlink(missing_ok=True)
+    with step(target, "quantize the unpruned model with the shipped artifact's options (latency reference)"):
+        folder = out / "unpruned_like_shipped"
+        folder.mkdir(exist_ok=True)
+        result.extras["int8_unpruned"] = BuiltArtifact.of(backend.quantize(fp32, calib, folder, chosen))
+
+
+def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: BuildResult):
+    """Prune (and recover) a copy of ``model`` for this target; record the facts in ``result.prune``."""
+    import copy
+
+    from edgekit.prune import prune_model, torch_evaluator
+    from edgekit.report.schema import PruneFacts
+
+    # Targets with the same round_to get the same pruned model (same recipe, data and seedless steps):
+    # the first one's is reused from the run's cache instead of pruning and distilling again.
+    cache = Path(prune_eval.cache) / f"round_to_{profile.prune.round_to}" if prune_eval and prune_eval.cache else None
+    if cache is not None and (cache / "facts.json").is_file():
+        import torch
+
+        with step(profile.name, f"prune: reuse the model pruned for round_to {profile.prune.round_to}") as s:
+            # the user's model file is imported under a per-process name (edgekit.inputs.model.load_model)
+            sys.modules.setdefault((cache / "module.txt").read_text(), sys.modules[type(model).__module__])
+            pruned = torch.load(cache / "model.pt", weights_only=False)
+        result.timings["prune_s"] = s["seconds"]
+        result.prune = PruneFacts.model_validate({**json.loads((cache / "facts.json").read_text()), "reused": True})
+        return pruned
+    evaluate = None
+    if prune_eval:
+        evaluate = torch_evaluator(recipe.model.inputs, prune_eval.eval, np.load(prune_eval.reference),
+                                   recipe.data.metric, prune_eval.limit)
+    with step(profile.name, "prune + recover") as s:
+        pruned, facts = prune_model(copy.deepcopy(model), recipe.model.inputs, calib, recipe.prune,
+                                    profile.prune.round_to, profile.name, evaluate)
+    result.timings["prune_s"] = s["seconds"]
+    result.prune = PruneFacts.model_validate(facts)
+    if cache is not None:
+        import torch
+
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned, cache / "model.pt")
+        (cache / "module.txt").write_text(type(model).__module__)
+        (cache / "facts.json").write_text(json.dumps(facts))
+    return pruned
+
+
+# -- measure, ab ---------------------------------------------------------------------------------------
+
+def measure(job: MeasureJob) -> MeasureResult:
+    from edgekit.backends import get_backend
+    from edgekit.measure.bench import measure as run_measure
+
+    backend = get_backend(job.backend)
+    runtime = backend.RuntimeOptions(**job.runtime)
+    with np.load(job.eval, allow_pickle=False) as z:
+        n = min(len(z[job.inputs[0]]), job.limit)
+        arrays = {k: z[k][:n] for k in job.inputs}
+    samples = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)]
+    stats, outputs = run_measure(lambda: backend.load(Path(job.artifact), runtime), samples,
+                                 warmup=job.warmup, runs=job.runs, bench=job.bench)
+    np.save(job.outputs, outputs)
+    return MeasureResult.model_validate(stats)
+
+
+def ab(job: ABJob) -> ABResult:
+    """Time the baseline's and the current artifact interleaved (``edgekit ci --baseline``)."""
+    from edgekit.backends import get_backend
+    from edgekit.measure.bench import ab_compare
+
+    backend = get_backend(job.backend)
+    runtime = backend.RuntimeOptions(**job.runtime)
+    with np.load(job.eval, allow_pickle=False) as z:
+        feed = {k: z[k][:1] for k in job.inputs}
+    a = backend.load(Path(job.baseline), runtime)
+    b = backend.load(Path(job.current), runtime)
+    return ABResult.model_validate(ab_compare(a, b, feed, warmup=job.warmup, rounds=job.rounds,
+                                              per_round=job.per_round))
+
+
+def main(argv: list[str]) -> int:
+    kind, job_path = argv
+    spec = json.loads(Path(job_path).read_text())
+    job_cls, _ = KINDS[kind]
+    try:
+        result = {"ok": True, "result": {"build": build, "measure": measure, "ab": ab}[kind](
+            job_cls.model_validate(spec["job"])).model_dump(mode="json")}
+    except (InputError, TargetError) as e:
+        result = {"ok": False, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - report anything else as the target's failure
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
