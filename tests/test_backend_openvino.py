@@ -30,6 +30,19 @@ def test_fp32_ir_has_recipe_names_static_shapes_and_fp32_weights(built):
     np.testing.assert_allclose(built.outputs(built.fp32.path), built.reference, atol=1e-4)
 
 
+def test_int8_ir_op_names_are_unique_and_keep_the_fp32_irs(built):
+    """stable_names numbers NNCF's new ops after the fp32 IR's: no repeats (NNCF's graph builder refuses
+    repeated names), and every op of the fp32 IR keeps its name in the int8 IR (ignored_scope names from
+    one are valid in the other)."""
+    from collections import Counter
+
+    names = [op.get_friendly_name() for op in ov.Core().read_model(str(built.optimized.path)).get_ordered_ops()]
+    assert [n for n, c in Counter(names).items() if c > 1] == []
+    weighted = [op.get_friendly_name() for op in ov.Core().read_model(str(built.fp32.path)).get_ordered_ops()
+                if op.get_type_name() in ("MatMul", "Convolution", "GroupConvolution")]
+    assert weighted and set(weighted) <= set(names)
+
+
 def test_int8_ir_is_quantized_and_faithful_at_every_thread_count(built):
     fp32, int8, ref = built.fp32, built.optimized, built.reference
     assert int8.details["fake_quantize_nodes"] > 10

@@ -184,17 +184,24 @@ def stable_names(model) -> None:
     """Make the saved .xml the same bytes in every run (manifest.json). OpenVINO names nodes it creates
     ``<Type>_<n>`` (also inside derived names, e.g. ``Multiply_4990/fq_weights_1``) and models
     ``Model<n>``, n from a process-wide counter that depends on everything created before. Each such
-    ``<CamelCase>_<n>`` token is renumbered in order of first appearance in topological order; names
-    from torch (lower-case module paths and aten ops) and tensor names (the recipe's inputs) are kept."""
+    ``<CamelCase>_<n>`` token is renumbered ``<CamelCase>_ek<k>`` in order of first appearance in
+    topological order, k continuing after the largest ``_ek`` number already in the graph: names an
+    earlier pass made stable (the fp32 IR's, in the int8 IR NNCF built from it) are kept as they are, so
+    names never repeat and an op keeps its name from the fp32 IR to the int8 one (the search's
+    ``ignored_scope`` names ops of one by what it found in the other). Names from torch (lower-case
+    module paths and aten ops) and tensor names (the recipe's inputs) are kept."""
     import re
 
     token = re.compile(r"(?<![A-Za-z0-9_])([A-Z][A-Za-z0-9]*)_(\d+)(?![A-Za-z0-9])")
+    done = re.compile(r"(?<![A-Za-z0-9_])[A-Z][A-Za-z0-9]*_ek(\d+)(?![A-Za-z0-9])")
+    ops = model.get_ordered_ops()
+    start = 1 + max((int(m.group(1)) for op in ops for m in done.finditer(op.get_friendly_name())), default=-1)
     mapping: dict[str, str] = {}
 
     def renumber(m: re.Match) -> str:
-        return mapping.setdefault(m.group(0), f"{m.group(1)}_ek{len(mapping)}")
+        return mapping.setdefault(m.group(0), f"{m.group(1)}_ek{start + len(mapping)}")
 
-    for op in model.get_ordered_ops():
+    for op in ops:
         name = op.get_friendly_name()
         new = token.sub(renumber, name)
         if new != name:
