@@ -248,3 +248,33 @@ def test_choose_best(drops, lat, want):
 
     hist = [Scored(Candidate(str(i), None), None, 0.0, d, t, 0.0) for i, (d, t) in enumerate(zip(drops, lat))]
     assert hist.index(choose_best(hist, 0.01)) == want
+
+
+def test_a_subset_pass_is_checked_on_the_whole_evaluation_set(tmp_path):
+    """A step within budget on the scoring subset counts only if the whole set agrees."""
+    from edgekit.quantize.search import Candidate
+
+    backend, model = TorchInt8(), Chain().eval()
+    calib, evals = _sets(tmp_path)
+    fp32 = backend.export_fp32(model, (), [], tmp_path, Options())
+    art = backend.quantize(fp32, calib, tmp_path, Opts())
+    outs = np.stack([art.state(torch.from_numpy(s["x"])).numpy().reshape(-1) for s in evals])
+    ref = outs.copy()
+    ref[8:] = np.random.default_rng(1).standard_normal(ref[8:].shape)  # the subset agrees, the rest does not
+
+    def ctx(subset):
+        return SearchContext(target="t", backend=backend, runtime=Options(), calibration=calib, samples=evals,
+                             reference=ref, labels=None, metric="cosine", max_drop=0.01, time_budget_s=60,
+                             timing_runs=2, model=model, subset=subset)
+
+    c = ctx(8)
+    scored = c.evaluate(Candidate("x", Opts()), art, 0.0)
+    assert scored.scored_on == 24 and scored.drop > 0.5        # re-scored on all 24: not within budget
+    assert c.fp32_metric == pytest.approx(1.0) and c.subset == 8
+    far = ctx(4)
+    ref[:] = outs                                               # now every sample agrees
+    scored = far.evaluate(Candidate("x", Opts()), art, 0.0)
+    assert scored.scored_on == 24 and scored.drop == pytest.approx(0.0, abs=1e-6)
+    ref[4:] = -outs[4:]
+    scored = ctx(4).evaluate(Candidate("x", Opts()), art, 0.0)
+    assert scored.scored_on == 24 and scored.drop > 1.0

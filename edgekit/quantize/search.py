@@ -3,7 +3,8 @@
 The policy lives here, once, for every toolchain; a backend only answers questions about its graph
 (``edgekit.backends.base.Backend``: ``quality_fixes``, ``units_of_modules``, ``rank_activations``,
 ``keep_in_float``). After a target's first quantization the build worker scores the artifact on the
-first ``eval_samples`` evaluation samples with the report's metric against the fp32 torch reference.
+first ``eval_samples`` evaluation samples with the report's metric against the fp32 torch reference (a
+step within budget there is scored on the whole evaluation set, which decides).
 If the drop exceeds the target's ``max_metric_drop``, the search climbs a ladder, least fallback first,
 building, scoring and timing each step in-process:
 
@@ -61,6 +62,8 @@ class Scored:
     drop: float
     latency_ms: Optional[float]
     seconds: float
+    scored_on: int = 0
+    """Evaluation samples the drop was measured on (the subset, or all of them)."""
 
     @property
     def kept_float(self) -> list[str]:
@@ -71,25 +74,36 @@ class Scored:
     def step(self) -> SearchStep:
         return SearchStep(step=self.candidate.label, metric=round(self.metric, 6), drop=round(self.drop, 6),
                           latency_ms=None if self.latency_ms is None else round(self.latency_ms, 3),
-                          kept_float=self.kept_float, seconds=round(self.seconds, 2))
+                          kept_float=self.kept_float, seconds=round(self.seconds, 2), scored_on=self.scored_on)
 
 
 class SearchContext:
-    """What the driver needs: the backend, the data, the budget, the history of scored steps."""
+    """What the driver needs: the backend, the data, the budget, the history of scored steps.
+
+    ``samples``/``reference``/``labels``: the whole evaluation set; candidates are scored on its first
+    ``subset`` samples, and one that is within budget there is scored on all of them before it counts
+    as within budget (a subset verdict the full set would fail is never passed)."""
 
     def __init__(self, *, target: str, backend, runtime, calibration, samples: list[dict],
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
-                 time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None):
+                 time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None,
+                 subset: Optional[int] = None):
         self.target, self.backend, self.runtime = target, backend, runtime
         self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
-        self.fp32_metric = score(metric, reference, reference, labels)
+        self.subset = min(subset or len(samples), len(samples))
+        self.fp32_metric = self._fp32(self.subset)
+        self.fp32_metric_full = self._fp32(len(samples))
         self.max_drop, self.time_budget_s, self.max_steps = max_drop, time_budget_s, max_steps
         self.timing_runs = timing_runs
         self.start = time.perf_counter()
         self.history: list[Scored] = []
         self.tag = f"[{target}] quantize search"
+
+    def _fp32(self, n: int) -> float:
+        labels = None if self.labels is None else self.labels[:n]
+        return score(self.metric, self.reference[:n], self.reference[:n], labels)
 
     @property
     def best(self) -> Optional[Scored]:
@@ -99,12 +113,25 @@ class SearchContext:
         return self.time_budget_s - (time.perf_counter() - self.start)
 
     def evaluate(self, candidate: Candidate, artifact, seconds: float) -> Scored:
+        """Score on the subset; if that is within budget and the subset is not the whole set, on the
+        whole set too, which then decides."""
         runner = self.backend.load(Path(artifact.path), self.runtime)
-        outs = np.stack([np.asarray(runner.run(s)[0]).reshape(-1) for s in self.samples])
-        metric = score(self.metric, outs, self.reference, self.labels)
+        outs = [np.asarray(runner.run(s)[0]).reshape(-1) for s in self.samples[:self.subset]]
+        drop = self._drop(outs)
+        n = self.subset
+        if drop <= self.max_drop + 1e-9 and n < len(self.samples):
+            outs += [np.asarray(runner.run(s)[0]).reshape(-1) for s in self.samples[n:]]
+            n = len(self.samples)
+            drop = self._drop(outs)
         lat = _latency_ms(runner, self.samples[0], self.timing_runs)
         del runner
-        return Scored(candidate, artifact, metric, self.fp32_metric - metric, lat, seconds)
+        fp32 = self.fp32_metric if n == self.subset else self.fp32_metric_full
+        return Scored(candidate, artifact, fp32 - drop, drop, lat, seconds, scored_on=n)
+
+    def _drop(self, outs: list[np.ndarray]) -> float:
+        n = len(outs)
+        labels = None if self.labels is None else self.labels[:n]
+        return self._fp32(n) - score(self.metric, np.stack(outs), self.reference[:n], labels)
 
 
 def _latency_ms(runner, sample: dict, runs: int) -> float:
@@ -187,9 +214,8 @@ def search(ctx: SearchContext, fp32, first, first_opts, out: Path,
     replaces the ladder (tests)."""
     first_scored = ctx.evaluate(Candidate("default (profile's quantization)", first_opts), first, 0.0)
     ctx.history.append(first_scored)
-    say(f"{ctx.tag}: default drop {first_scored.drop:+.4f} ({ctx.metric} {first_scored.metric:.4f} vs fp32 "
-        f"{ctx.fp32_metric:.4f} on {len(ctx.samples)} samples), ~{first_scored.latency_ms:.2f} ms; "
-        f"budget {ctx.max_drop:g}")
+    say(f"{ctx.tag}: default drop {first_scored.drop:+.4f} ({ctx.metric} on {first_scored.scored_on} samples), "
+        f"~{first_scored.latency_ms:.2f} ms; budget {ctx.max_drop:g}")
     stop = "default quantization within budget"
     ctx.start = time.perf_counter()  # the budget is for the search itself
     if not within(first_scored, ctx.max_drop):
@@ -202,7 +228,7 @@ def search(ctx: SearchContext, fp32, first, first_opts, out: Path,
         status="ok" if ok else "failed",
         reason=None if ok else (f"accuracy budget not met (best drop {best.drop:.4f} at {best.latency_ms:.2f} ms; "
                                 f"max_metric_drop {ctx.max_drop:g}; {stop})"),
-        max_metric_drop=ctx.max_drop, metric=ctx.metric, eval_samples=len(ctx.samples),
+        max_metric_drop=ctx.max_drop, metric=ctx.metric, eval_samples=ctx.subset,
         fp32_metric_on_subset=round(ctx.fp32_metric, 6), time_budget_s=ctx.time_budget_s,
         search_s=round(time.perf_counter() - ctx.start, 2) if len(ctx.history) > 1 else 0.0,
         stopped=stop, steps=[s.step() for s in ctx.history], chosen=ctx.history.index(best),
@@ -250,7 +276,7 @@ def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate]) -> str:
         scored.seconds = time.perf_counter() - t0
         costs.append(scored.seconds)
         ctx.history.append(scored)
-        say(f"{ctx.tag} step {i}: drop {scored.drop:+.4f}, ~{scored.latency_ms:.2f} ms, "
+        say(f"{ctx.tag} step {i}: drop {scored.drop:+.4f} on {scored.scored_on} samples, ~{scored.latency_ms:.2f} ms, "
             f"{len(scored.kept_float)} kept in float, {scored.seconds:.0f} s")
         if within(scored, ctx.max_drop):
             return "within budget"

@@ -85,6 +85,9 @@ class SearchStep(_Model):
     latency_ms: Optional[float] = None
     kept_float: list[str] = []
     seconds: float = 0.0
+    scored_on: Optional[int] = None
+    """Evaluation samples ``drop`` was measured on: the search's subset, or all of them for a step that
+    was within budget on the subset."""
 
 
 class SearchOutcome(_Model):

@@ -133,13 +133,11 @@ def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, quant_opts, c
     from edgekit.quantize.search import SearchContext, search
 
     evals = load_evaluation(recipe)
-    n = min(spec.eval_samples, len(evals))
     _, _, runtime = backend.options(profile)
     ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
-                        samples=[evals.sample(i) for i in range(n)], reference=np.load(spec.reference)[:n],
-                        labels=None if evals.labels is None else evals.labels[:n], metric=recipe.data.metric,
-                        max_drop=spec.max_drop, time_budget_s=spec.time_budget_s, max_steps=spec.max_steps,
-                        model=model)
+                        samples=list(evals), reference=np.load(spec.reference), labels=evals.labels,
+                        metric=recipe.data.metric, max_drop=spec.max_drop, time_budget_s=spec.time_budget_s,
+                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples)
     art, outcome = search(ctx, fp32, opt, quant_opts, out)
     return art, outcome, ctx.best.candidate.opts
 
