@@ -134,6 +134,22 @@ def test_warm_rerun_is_10x_faster_and_reuses_the_cache(cold, tmp_path):
 
 
 @pytest.mark.slow
+def test_warm_rerun_retimes_every_artifact_and_reuses_only_its_verified_outputs(cold, tmp_path):
+    """Without --reuse a warm run re-times every artifact (fresh latency) but does not run the evaluation
+    set again: the outputs of the same bytes on the same runtime and CPU come from the cache."""
+    base, recipe, cache, _ = cold
+    p = edgekit("run", recipe, "--out", tmp_path / "warm", cache=cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    warm, first = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "warm", base / "run1"))
+    for t, c in zip(warm["targets"], first["targets"]):
+        assert t["cache"]["build"] == "hit"
+        assert set(t["cache"]["measure"].values()) == {"timed (outputs cached)"}
+        for kind in ("fp32", "optimized"):
+            assert t[kind]["metric"] == c[kind]["metric"] and t[kind]["fidelity"] == c[kind]["fidelity"]
+            assert t[kind]["latency_ms"]["n"] == c[kind]["latency_ms"]["n"]  # timed again
+
+
+@pytest.mark.slow
 def test_injected_30_percent_latency_regression_fails(cold, tmp_path):
     """The previous release was 30 % faster (its report edited so): judged on the stored numbers
     (--reuse: no re-measurement), every target fails baseline_latency, nothing else."""

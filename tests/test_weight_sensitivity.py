@@ -59,7 +59,7 @@ def _first_rung(backend, model, fp32, first, opts, calib):
     from edgekit.quantize.search import ladder
 
     ctx = SimpleNamespace(backend=backend, model=model, calibration=calib, tag="[t] quantize search",
-                          history=[SimpleNamespace(artifact=first)])
+                          history=[SimpleNamespace(artifact=first)], export=None)
     return next(ladder(ctx, fp32, opts))
 
 

@@ -10,7 +10,8 @@ building, scoring and timing each step in-process:
 
 1. **Quality fixes, one build**: the backend's cheap fixes (fusions, calibration choices), and every
    Conv/Linear whose int8 *weights* break its output (``edgekit.quantize.weights``, SQNR under
-   ``WEAK_DB``) kept in float: activation rankings cannot see weight rounding.
+   ``WEAK_DB``; activation rankings cannot see weight rounding): a Linear is standardized (the scale
+   moves into its input activation, ``edgekit.quantize.rewrite``), anything else is kept in float.
 2. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
    latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration samples; the
    units around the k worst are kept in float, k = 1, 2, 4, ... (every activation under ``BROKEN_DB``
@@ -52,6 +53,8 @@ class Candidate:
     opts: Any
     kept_float: list[str] = field(default_factory=list)
     """Units (the backend's node / op / module names) this step keeps in float, cumulative."""
+    source: Any = None
+    """The fp32 artifact to quantize from, when a rung rewrote the torch model; None = the original's."""
 
 
 @dataclass
@@ -87,8 +90,10 @@ class SearchContext:
     def __init__(self, *, target: str, backend, runtime, calibration, samples: list[dict],
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
                  time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None,
-                 subset: Optional[int] = None):
+                 subset: Optional[int] = None, export: Optional[Callable[[Any, str], Any]] = None):
         self.target, self.backend, self.runtime = target, backend, runtime
+        self.export = export
+        """``export(torch_model, name)`` -> fp32 artifact of a rewritten model (None: no rewrites)."""
         self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
@@ -100,6 +105,13 @@ class SearchContext:
         self.start = time.perf_counter()
         self.history: list[Scored] = []
         self.tag = f"[{target}] quantize search"
+
+    def torch_samples(self, n: int) -> list[tuple]:
+        """The first ``n`` calibration samples as positional torch inputs of the model."""
+        import torch
+
+        return [tuple(torch.from_numpy(v) for v in self.calibration.sample(i).values())
+                for i in range(min(n, len(self.calibration)))]
 
     def _fp32(self, n: int) -> float:
         labels = None if self.labels is None else self.labels[:n]
@@ -163,26 +175,20 @@ def choose_best(history: list[Scored], max_drop: float) -> Optional[Scored]:
 
 def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
     """The candidates, least fallback first (module docstring). Reads ``ctx.history`` between steps."""
-    from edgekit.quantize.weights import WEAK_DB, weak_layers
-
     backend = ctx.backend
-    # Rung 1: quality fixes + layers with weak int8 weights in float, in one build.
+    # Rung 1: the backend's quality fixes + weak int8 weights handled, in one build.
     labels, update = [], {}
     for fix in backend.quality_fixes(fp32, opts):
         labels.append(fix.label)
         update.update(fix.update)
     base = opts.model_copy(update=update) if update else opts
-    weak = weak_layers(ctx.model, ctx.calibration, backend.weights_per_channel(opts), SENSITIVITY_SAMPLES)
-    units = backend.units_of_modules(fp32, ctx.history[0].artifact, [m for m, _ in weak]) if weak else []
-    if units:
-        say(f"{ctx.tag}: layers whose int8 weights break their output (SQNR dB): "
-            + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
-        base = backend.keep_in_float(base, units)
-        labels.append(f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB) in "
-                      f"float ({len(units)} units)")
+    base, source, weak_label = _weak_weights(ctx, fp32, base)
+    if weak_label:
+        labels.append(weak_label)
     if labels:
-        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base))
-        base = ctx.best.candidate.opts  # go on from the better of the default and rung 1
+        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base), source=source)
+        best = ctx.best.candidate  # go on from the better of the default and rung 1
+        base, source = best.opts, best.source
     # Rung 2+: float fallback around the worst activations of the latest build, re-ranked every step.
     kept = set(backend.float_units(base))
     art = ctx.history[-1].artifact
@@ -200,9 +206,45 @@ def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
         for u, _ in fresh[:k]:
             kept |= u
         yield Candidate(f"float fallback: the units around the {min(k, len(fresh))} worst activations "
-                        f"({len(kept)} in float in all)", backend.keep_in_float(base, kept), kept_float=sorted(kept))
+                        f"({len(kept)} in float in all)", backend.keep_in_float(base, kept), kept_float=sorted(kept),
+                        source=source)
         art = ctx.history[-1].artifact
         k *= 2
+
+
+def _weak_weights(ctx: SearchContext, fp32, opts):
+    """Layers whose int8 weights break their output (``edgekit.quantize.weights``): each Linear is
+    standardized (``edgekit.quantize.rewrite``: the scale moves into the activation; the model is
+    exported again to quantize from), anything else is kept in float. Returns (options, the fp32
+    artifact to quantize from or None for ``fp32``, a label or None)."""
+    from edgekit.quantize.rewrite import standardize
+    from edgekit.quantize.weights import WEAK_DB, weak_layers
+
+    backend = ctx.backend
+    weak = weak_layers(ctx.model, ctx.calibration, backend.weights_per_channel(opts), SENSITIVITY_SAMPLES)
+    if not weak:
+        return opts, None, None
+    say(f"{ctx.tag}: layers whose int8 weights break their output (SQNR dB): "
+        + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
+    names = [m for m, _ in weak]
+    source, done = None, []
+    if ctx.export is not None:
+        model, added = standardize(ctx.model, names, ctx.torch_samples(SENSITIVITY_SAMPLES * 8))
+        if added:
+            done = [a.rpartition(".")[0] for a in added]
+            source = ctx.export(model, "standardized")
+            # the elementwise (x - c) / s stays float wherever the backend would otherwise quantize it
+            opts = backend.keep_in_float(opts, backend.units_of_modules(source, source, added))
+    rest = [n for n in names if n not in done]
+    units = backend.units_of_modules(fp32, ctx.history[0].artifact, rest) if rest else []
+    if units:
+        opts = backend.keep_in_float(opts, units)
+    parts = ([f"{len(done)} standardized (scale moved into the activation)"] if done else []) + \
+        ([f"{len(rest)} in float ({len(units)} units)"] if units else [])
+    if not parts:
+        return opts, None, None
+    return opts, source, (f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB): "
+                          + ", ".join(parts))
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -266,7 +308,7 @@ def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate]) -> str:
         folder = out / "search" / f"step{i}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            art = ctx.backend.quantize(fp32, ctx.calibration, folder, cand.opts)
+            art = ctx.backend.quantize(cand.source or fp32, ctx.calibration, folder, cand.opts)
             scored = ctx.evaluate(cand, art, 0.0)
         except Exception as e:  # noqa: BLE001 - a failed candidate is a step, not the target's failure
             say(f"{ctx.tag} step {i}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

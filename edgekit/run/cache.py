@@ -209,6 +209,23 @@ class Cache:
             self.put("measure", key, fill)
         return result, False
 
+    def outputs(self, key: str, dest: Path) -> bool:
+        """Copy the stored verification outputs of ``key`` to ``dest``; False when there are none."""
+        entry = self.get("outputs", key)
+        if entry is None:
+            return False
+        shutil.copyfile(entry / "outputs.npy", dest)
+        return True
+
+    def keep_outputs(self, key: str, src: Path) -> None:
+        """Store an artifact's outputs on the evaluation set (``Keys.outputs``: they depend only on its
+        bytes, the runtime and its settings, the data and the CPU, so they are never measured twice)."""
+        if self.enabled and self.get("outputs", key) is None:
+            def fill(tmp: Path) -> dict:
+                shutil.copyfile(src, tmp / "outputs.npy")
+                return {"key": key, "created": time.time()}
+            self.put("outputs", key, fill)
+
     def value(self, key: str, compute: Callable[[], object]):
         """A small JSON value (e.g. the model's MAC count), computed once per key."""
         entry = self.get("values", key)
@@ -281,6 +298,12 @@ class Keys:
         return digest({"what": "build", "job": _hash_paths(job), "profile": file_sha256(profile_path),
                        "model": self.model, "recipe": self.recipe, "calibration": self.calibration,
                        "env": self.env, "toolchain": versions})
+
+    def outputs(self, files: list[str], job: dict, machine: dict, versions: dict) -> str:
+        """An artifact's outputs on the evaluation set: its files' bytes, the measure job's runtime
+        settings, data and limit (``job``: its ``identity()``), the runtime's versions, the CPU."""
+        return digest({"what": "outputs", "files": [file_sha256(f) for f in files], "job": _hash_paths(job),
+                       "machine": machine, "toolchain": versions, "env": self.env})
 
     def measure(self, build_key: str, kind: str, job: dict, machine: dict) -> str:
         """``job``: the measure job's ``identity()``; the artifact's bytes are covered by ``build_key``."""

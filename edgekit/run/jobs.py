@@ -101,7 +101,14 @@ class MeasureJob(_Job):
     warmup: int
     runs: int
     bench: bool = True
+    verify: bool = True
+    """Run every evaluation sample and save the outputs; False when they are known (cached): only
+    the first sample runs before timing."""
     outputs: str
+
+    def identity_of_outputs(self) -> dict:
+        """What the outputs depend on (not the timing settings)."""
+        return self.model_dump(mode="json", include={"backend", "runtime", "eval", "inputs", "limit"})
 
 
 class MeasureResult(BaseModel):

@@ -132,12 +132,21 @@ def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, quant_opts, c
     from edgekit.inputs.data import load_evaluation
     from edgekit.quantize.search import SearchContext, search
 
+    from edgekit.inputs.model import example_inputs
+
     evals = load_evaluation(recipe)
-    _, _, runtime = backend.options(profile)
+    export_opts, _, runtime = backend.options(profile)
+    args = example_inputs(recipe.model.inputs, calib.sample(0))
+
+    def export(rewritten, name: str):
+        folder = out / "search" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return backend.export_fp32(rewritten, args, recipe.model.inputs, folder, export_opts)
+
     ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
                         samples=list(evals), reference=np.load(spec.reference), labels=evals.labels,
                         metric=recipe.data.metric, max_drop=spec.max_drop, time_budget_s=spec.time_budget_s,
-                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples)
+                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples, export=export)
     art, outcome = search(ctx, fp32, opt, quant_opts, out)
     return art, outcome, ctx.best.candidate.opts
 
@@ -203,10 +212,11 @@ def measure(job: MeasureJob) -> MeasureResult:
     with np.load(job.eval, allow_pickle=False) as z:
         n = min(len(z[job.inputs[0]]), job.limit)
         arrays = {k: z[k][:n] for k in job.inputs}
-    samples = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)]
+    samples = [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n if job.verify else 1)]
     stats, outputs = run_measure(lambda: backend.load(Path(job.artifact), runtime), samples,
                                  warmup=job.warmup, runs=job.runs, bench=job.bench)
-    np.save(job.outputs, outputs)
+    if job.verify:
+        np.save(job.outputs, outputs)
     return MeasureResult.model_validate(stats)
 
 

@@ -1,0 +1,92 @@
+"""Torch-level rewrites that make a model quantize better without changing what it computes in float.
+
+**Standardize** (for a Linear whose int8 *weights* break its output, ``edgekit.quantize.weights``): a
+linear probe fitted on standardised features with the standardisation folded into its weights has a
+few weights 10^4x the rest in each row, so one int8 scale per row rounds every ordinary weight to zero.
+Keeping the layer in float costs its latency and leaves its input in float; this moves the scale into
+the activation instead. For y = W x + b, with c_j, s_j the mean and std of input feature j on the
+calibration set:
+
+    x' = (x - c) / s                       (a tiny elementwise module, kept out of int8)
+    y  = (W diag(s)) x' + (b + W c)        (a well-conditioned Linear, quantized as usual)
+
+exact in float. The quantized activation is then x' (zero mean, unit std per feature) and the weights
+span a normal range. ``s`` is floored at ``FLOOR`` x its largest entry so that a constant feature does
+not blow x' up.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+FLOOR = 1e-3
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) * inv_std over the last axis; added by ``standardize`` in front of a Linear."""
+
+    def __init__(self, mean: torch.Tensor, inv_std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("inv_std", inv_std.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict[str, tuple]:
+    """Per-input-feature mean and std (last axis; every row/token counts) of each named module's input."""
+    acc = {n: [0, 0.0, 0.0] for n in names}
+
+    def hook(n):
+        def record(mod, args):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            a = acc[n]
+            a[0] += x.shape[0]
+            a[1] = a[1] + x.sum(0)
+            a[2] = a[2] + (x * x).sum(0)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for args in samples:
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, (k, s1, s2) in acc.items():
+        mean = s1 / k
+        out[n] = (mean, (s2 / k - mean * mean).clamp(min=0).sqrt())
+    return out
+
+
+@torch.no_grad()
+def standardize(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with each named ``nn.Linear`` replaced by ``Sequential(Standardize, Linear')``.
+    Returns (the copy, the names of the Standardize modules, which a backend must keep in float).
+    ``samples``: positional model inputs (torch tensors) from the calibration set."""
+    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    if not linears:
+        return model, []
+    new_model = copy.deepcopy(model)
+    stats = input_stats(new_model, linears, samples)
+    added = []
+    for n in linears:
+        lin: nn.Linear = new_model.get_submodule(n)
+        mean, std = stats[n]
+        std = torch.maximum(std, FLOOR * std.max()).clamp(min=1e-12)
+        w = lin.weight.double()
+        b = lin.bias.double() if lin.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        new = nn.Linear(lin.in_features, lin.out_features, bias=True)
+        new.weight.copy_((w * std[None, :]).to(lin.weight.dtype))
+        new.bias.copy_((b + w @ mean).to(lin.weight.dtype))
+        parent, _, leaf = n.rpartition(".")
+        setattr(new_model.get_submodule(parent) if parent else new_model, leaf,
+                nn.Sequential(Standardize(mean, 1.0 / std), new))
+        added.append(f"{n}.0")
+    return new_model.eval(), added
