@@ -137,3 +137,22 @@ def test_openvino_first_rung_keeps_the_weak_layer_ops_in_float(tmp_path):
         return w.get_type_name() == "Constant" and w.get_element_type().get_type_name() == "f32"
 
     assert weight_is_float(art.path) and not weight_is_float(first.path)
+
+
+def test_standardize_is_exact_in_float_and_fixes_the_weights():
+    """edgekit.quantize.rewrite.standardize: the folded standardisation's scale moves into the activation;
+    the model computes the same, the rewritten Linear's int8 weights are healthy, the original is untouched."""
+    from edgekit.quantize.rewrite import Standardize, standardize
+
+    rng = np.random.default_rng(0)
+    xs = [(torch.from_numpy(rng.standard_normal((1, 1, 8, 8)).astype(np.float32)),) for _ in range(8)]
+    model = Probe().eval()
+    new, added = standardize(model, ["head", "conv"], xs)      # conv is not a Linear: left alone
+    assert added == ["head.0"] and isinstance(new.get_submodule("head.0"), Standardize)
+    assert isinstance(model.head, nn.Linear)                     # a copy was rewritten
+    with torch.no_grad():
+        for (x,) in xs:
+            torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-4)
+    samples = [{"x": x.numpy()} for (x,) in xs]
+    before, after = dict(weight_sensitivity(model, samples)), dict(weight_sensitivity(new, samples))
+    assert before["head"] < 10 and after["head.1"] > 20
