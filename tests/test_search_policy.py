@@ -167,6 +167,11 @@ class TorchInt8(Backend):
         return opts.model_copy(update={"float_units": sorted(set(opts.float_units) | set(units))})
 
 
+def _mk(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def _sets(tmp_path: Path):
     rng = np.random.default_rng(0)
     calib = SampleSet(tmp_path / "c.npz", {"x": rng.standard_normal((32, 16)).astype(np.float32)}, None)
@@ -175,7 +180,7 @@ def _sets(tmp_path: Path):
 
 
 def _run(tmp_path: Path, max_drop: float, budget: float = 60.0, max_steps: int = 12, model=None,
-         rewrites: bool = False):
+         rewrites: bool = False, distill_steps: int = 0):
     model = model or Chain().eval()
     backend = TorchInt8()
     calib, evals = _sets(tmp_path)
@@ -187,7 +192,8 @@ def _run(tmp_path: Path, max_drop: float, budget: float = 60.0, max_steps: int =
     ctx = SearchContext(target="t", backend=backend, runtime=Options(), calibration=calib, samples=evals,
                         reference=ref, labels=None, metric="cosine", max_drop=max_drop, time_budget_s=budget,
                         max_steps=max_steps, timing_runs=3, model=model,
-                        export=(lambda m, name: backend.export_fp32(m, (), [], tmp_path, Options())) if rewrites else None)
+                        export=(lambda m, name: backend.export_fp32(m, (), [], _mk(tmp_path / name), Options()))
+                        if rewrites else None, distill_steps=distill_steps)
     art, outcome = search(ctx, fp32, first, opts, tmp_path)
     return ctx, backend, art, outcome
 
@@ -292,3 +298,14 @@ def test_with_rewrites_the_weak_linear_is_standardized_instead_of_kept_in_float(
     step = rewritten.steps[1]
     assert "1 standardized" in step.step and step.kept_float == ["head.0"]
     assert step.drop < rewritten.steps[0].drop and abs(step.drop - in_float.steps[1].drop) < 0.002
+
+
+def test_quantization_aware_distillation_is_the_rung_before_float_fallback(tmp_path):
+    ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=3, rewrites=True, distill_steps=30)
+    labels = [s.step for s in outcome.steps]
+    assert "standardized" in labels[1] and labels[2].startswith("quantization-aware distillation (30 steps")
+    assert labels[3].startswith("float fallback")
+    # the distilled model was exported and quantized with the options of the best step before it
+    distilled = ctx.history[2].candidate
+    assert distilled.model is not None and Path(distilled.source.path).parent.name == "distilled"
+    assert distilled.opts == ctx.history[1].candidate.opts or distilled.opts == ctx.history[0].candidate.opts

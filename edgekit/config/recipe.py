@@ -149,6 +149,10 @@ class QuantizeSpec(_Strict):
     """Evaluation samples each candidate is scored on (the first N of the evaluation set); the final
     artifact is then verified on the whole set by the measure step."""
     max_steps: int = Field(default=12, ge=1)
+    distill_steps: int = Field(default=100, ge=0)
+    """Quantization-aware distillation (the rung before float fallback): fine-tuning steps against the
+    fp32 outputs with int8 rounding in the loop, on the calibration inputs; 0 = skip the rung."""
+    distill_lr: float = Field(default=1e-5, gt=0)
 
 
 class Recipe(_Strict):

@@ -53,7 +53,7 @@ def distill(model: nn.Module, batches: Sequence[tuple], teacher: Sequence[torch.
             if k % every == 0 or k == steps:
                 held_loss = kd_loss(model, held, held_teacher)
                 curve.append((k, held_loss))
-                say(f"{desc}: step {k}/{steps}, loss {float(loss):.4g}, held-out {held_loss:.4g}")
+                say(f"{desc}: step {k}/{steps}, loss {float(loss.detach()):.4g}, held-out {held_loss:.4g}")
                 if held_loss < best:
                     best, best_step, best_state = held_loss, k, [p.detach().clone() for p in params]
     with torch.no_grad():

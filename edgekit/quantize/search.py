@@ -12,7 +12,10 @@ building, scoring and timing each step in-process:
    Conv/Linear whose int8 *weights* break its output (``edgekit.quantize.weights``, SQNR under
    ``WEAK_DB``; activation rankings cannot see weight rounding): a Linear is standardized (the scale
    moves into its input activation, ``edgekit.quantize.rewrite``), anything else is kept in float.
-2. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
+2. **Quantization-aware distillation** (``edgekit.quantize.qad``, ``[quantize] distill_steps``): the
+   best model so far fine-tuned against the fp32 outputs with int8 rounding in the loop, then quantized
+   by the toolchain with the same options: full-int8 speed kept.
+3. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
    latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration samples; the
    units around the k worst are kept in float, k = 1, 2, 4, ... (every activation under ``BROKEN_DB``
    at once: dozens of rounded-to-nothing ReLU6 outputs one by one would never finish). Ranking again
@@ -55,6 +58,10 @@ class Candidate:
     """Units (the backend's node / op / module names) this step keeps in float, cumulative."""
     source: Any = None
     """The fp32 artifact to quantize from, when a rung rewrote the torch model; None = the original's."""
+    model: Any = None
+    """The torch model ``source`` was exported from (None: the original)."""
+    float_modules: list[str] = field(default_factory=list)
+    """Torch modules a rung keeps in float (what later torch-level rungs must leave alone)."""
 
 
 @dataclass
@@ -90,10 +97,12 @@ class SearchContext:
     def __init__(self, *, target: str, backend, runtime, calibration, samples: list[dict],
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
                  time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None,
-                 subset: Optional[int] = None, export: Optional[Callable[[Any, str], Any]] = None):
+                 subset: Optional[int] = None, export: Optional[Callable[[Any, str], Any]] = None,
+                 distill_steps: int = 0, distill_lr: float = 1e-5):
         self.target, self.backend, self.runtime = target, backend, runtime
         self.export = export
         """``export(torch_model, name)`` -> fp32 artifact of a rewritten model (None: no rewrites)."""
+        self.distill_steps, self.distill_lr = distill_steps, distill_lr
         self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
@@ -182,14 +191,29 @@ def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
         labels.append(fix.label)
         update.update(fix.update)
     base = opts.model_copy(update=update) if update else opts
-    base, source, weak_label = _weak_weights(ctx, fp32, base)
+    base, source, model, in_float, weak_label = _weak_weights(ctx, fp32, base)
     if weak_label:
         labels.append(weak_label)
     if labels:
-        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base), source=source)
+        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base), source=source, model=model,
+                        float_modules=in_float)
         best = ctx.best.candidate  # go on from the better of the default and rung 1
         base, source = best.opts, best.source
-    # Rung 2+: float fallback around the worst activations of the latest build, re-ranked every step.
+    # Rung 2: quantization-aware distillation of the best model so far, quantized with the same options.
+    if ctx.distill_steps and ctx.export is not None:
+        from edgekit.quantize.qad import distill_for_int8
+
+        best = ctx.best.candidate
+        tuned, facts = distill_for_int8(best.model or ctx.model, ctx.torch_samples(len(ctx.calibration)),
+                                        ctx.distill_steps, ctx.distill_lr, keep_float=best.float_modules,
+                                        prefix=ctx.target)
+        yield Candidate(f"quantization-aware distillation ({ctx.distill_steps} steps, {facts['layers']} int8 layers; "
+                        f"held-out loss with int8 rounding {facts['held_out_loss_int8'][0]:.3g} -> "
+                        f"{facts['held_out_loss_int8'][1]:.3g})", best.opts, kept_float=list(best.kept_float),
+                        source=ctx.export(tuned, "distilled"), model=tuned, float_modules=best.float_modules)
+        best = ctx.best.candidate
+        base, source = best.opts, best.source
+    # Rung 3+: float fallback around the worst activations of the latest build, re-ranked every step.
     kept = set(backend.float_units(base))
     art = ctx.history[-1].artifact
     k = 1
@@ -216,21 +240,24 @@ def _weak_weights(ctx: SearchContext, fp32, opts):
     """Layers whose int8 weights break their output (``edgekit.quantize.weights``): each Linear is
     standardized (``edgekit.quantize.rewrite``: the scale moves into the activation; the model is
     exported again to quantize from), anything else is kept in float. Returns (options, the fp32
-    artifact to quantize from or None for ``fp32``, a label or None)."""
+    artifact to quantize from or None for ``fp32``, its torch model or None, the torch modules kept in
+    float, a label or None)."""
     from edgekit.quantize.rewrite import standardize
     from edgekit.quantize.weights import WEAK_DB, weak_layers
 
     backend = ctx.backend
     weak = weak_layers(ctx.model, ctx.calibration, backend.weights_per_channel(opts), SENSITIVITY_SAMPLES)
     if not weak:
-        return opts, None, None
+        return opts, None, None, [], None
     say(f"{ctx.tag}: layers whose int8 weights break their output (SQNR dB): "
         + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
     names = [m for m, _ in weak]
-    source, done = None, []
+    source, model, done = None, None, []
     if ctx.export is not None:
-        model, added = standardize(ctx.model, names, ctx.torch_samples(SENSITIVITY_SAMPLES * 8))
-        if added:
+        model, added = standardize(ctx.model, names, ctx.torch_samples(len(ctx.calibration)))
+        if not added:
+            model = None
+        else:
             done = [a.rpartition(".")[0] for a in added]
             source = ctx.export(model, "standardized")
             # the elementwise (x - c) / s stays float wherever the backend would otherwise quantize it
@@ -242,9 +269,9 @@ def _weak_weights(ctx: SearchContext, fp32, opts):
     parts = ([f"{len(done)} standardized (scale moved into the activation)"] if done else []) + \
         ([f"{len(rest)} in float ({len(units)} units)"] if units else [])
     if not parts:
-        return opts, None, None
-    return opts, source, (f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB): "
-                          + ", ".join(parts))
+        return opts, None, None, [], None
+    return opts, source, model, rest if units else [], (
+        f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB): " + ", ".join(parts))
 
 
 # -- the driver ---------------------------------------------------------------------------------------

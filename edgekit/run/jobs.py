@@ -30,6 +30,8 @@ class SearchSpec(_Job):
     time_budget_s: float
     eval_samples: int
     max_steps: int
+    distill_steps: int = 0
+    distill_lr: float = 1e-5
 
 
 class PruneEval(_Job):

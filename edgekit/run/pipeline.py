@@ -285,7 +285,8 @@ def _search_spec(prof: Profile, recipe: Recipe, ref_path: Path) -> Optional[Sear
     if q.search is False or max_drop is None:
         return None
     return SearchSpec(reference=str(ref_path), max_drop=max_drop, time_budget_s=q.time_budget_s,
-                      eval_samples=q.eval_samples, max_steps=q.max_steps)
+                      eval_samples=q.eval_samples, max_steps=q.max_steps, distill_steps=q.distill_steps,
+                      distill_lr=q.distill_lr)
 
 
 def _rel(path: str, root: Path) -> str:

@@ -146,7 +146,8 @@ def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, quant_opts, c
     ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
                         samples=list(evals), reference=np.load(spec.reference), labels=evals.labels,
                         metric=recipe.data.metric, max_drop=spec.max_drop, time_budget_s=spec.time_budget_s,
-                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples, export=export)
+                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples, export=export,
+                        distill_steps=spec.distill_steps, distill_lr=spec.distill_lr)
     art, outcome = search(ctx, fp32, opt, quant_opts, out)
     return art, outcome, ctx.best.candidate.opts
 
