@@ -145,7 +145,7 @@ class TorchInt8(Backend):
     def quality_fixes(self, fp32, opts):
         return [] if opts.symmetric_ranges else [Fix("symmetric ranges", {"symmetric_ranges": True})]
 
-    def units_of_modules(self, fp32, art, modules):
+    def units_of_modules(self, fp32, modules):
         return list(modules)
 
     def rank_activations(self, art, calibration, samples):
@@ -181,45 +181,47 @@ def _sets(tmp_path: Path):
 
 def _run(tmp_path: Path, max_drop: float, budget: float = 60.0, max_steps: int = 12, model=None,
          rewrites: bool = False, distill_steps: int = 0):
+    """The build worker's flow: quality methods, first quantization, then the search."""
+    from edgekit.quantize.quality import prepare
+
     model = model or Chain().eval()
     backend = TorchInt8()
     calib, evals = _sets(tmp_path)
     with torch.no_grad():
         ref = np.stack([model(torch.from_numpy(s["x"])).numpy().reshape(-1) for s in evals])
     fp32 = backend.export_fp32(model, (), [], tmp_path, Options())
-    opts = Opts()
-    first = backend.quantize(fp32, calib, tmp_path, opts)
+    export = (lambda m, name: backend.export_fp32(m, (), [], _mk(tmp_path / name), Options())) if rewrites else None
+    start = prepare(backend, fp32, Opts(), model, calib, export)
+    first = backend.quantize(start.source or fp32, calib, tmp_path, start.opts)
     ctx = SearchContext(target="t", backend=backend, runtime=Options(), calibration=calib, samples=evals,
                         reference=ref, labels=None, metric="cosine", max_drop=max_drop, time_budget_s=budget,
-                        max_steps=max_steps, timing_runs=3, model=model,
-                        export=(lambda m, name: backend.export_fp32(m, (), [], _mk(tmp_path / name), Options()))
-                        if rewrites else None, distill_steps=distill_steps)
-    art, outcome = search(ctx, fp32, first, opts, tmp_path)
+                        max_steps=max_steps, timing_runs=3, model=model, export=export, distill_steps=distill_steps)
+    art, outcome = search(ctx, fp32, first, start, tmp_path)
     return ctx, backend, art, outcome
 
 
-def test_default_within_budget_is_shipped_without_a_search(tmp_path):
+def test_first_build_within_budget_is_shipped_without_a_search(tmp_path):
     ctx, backend, art, outcome = _run(tmp_path, max_drop=1.0)
     assert outcome.status == "ok" and len(outcome.steps) == 1 and outcome.chosen == 0
-    assert outcome.stopped == "default quantization within budget" and backend.ranked == []
+    assert outcome.stopped == "first quantization within budget" and backend.ranked == []
 
 
-def test_first_rung_is_the_quality_fixes_plus_the_weak_weight_layers(tmp_path):
+def test_first_build_has_the_quality_fixes_and_the_weak_weight_layers_handled(tmp_path):
     ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=1)
-    step = outcome.steps[1]
-    assert "symmetric ranges" in step.step and "weight SQNR" in step.step
-    assert step.kept_float == ["head"]          # the folded-standardisation layer, found on the torch model
-    assert backend.ranked == []                 # no activation ranking before the cheap rung was tried
+    first = outcome.steps[0]
+    assert first.step.startswith("profile's quantization + symmetric ranges + ") and "weight SQNR" in first.step
+    assert first.kept_float == ["head"]          # the folded-standardisation layer, found on the torch model
+    assert backend.ranked == [tmp_path.name]     # ranked once, on the first build, for the first fallback
 
 
 def test_fallback_reranks_the_latest_build_after_every_step_and_doubles_k(tmp_path):
     ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=6)
-    fallback = outcome.steps[2:]
+    fallback = outcome.steps[1:]
     assert len(fallback) >= 2
-    # ranked once per fallback step, each time on the build the previous step made (step folders)
-    assert backend.ranked[0] == "step1"
-    assert backend.ranked[1:] == [f"step{i}" for i in range(2, 2 + len(backend.ranked) - 1)]
-    sizes = [len(s.kept_float) for s in outcome.steps[1:]]
+    # ranked once per fallback step: first on the first build, then each time on the previous step's build
+    assert backend.ranked[0] == tmp_path.name
+    assert backend.ranked[1:] == [f"step{i}" for i in range(1, len(backend.ranked))]
+    sizes = [len(s.kept_float) for s in outcome.steps]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)    # cumulative, growing
     assert outcome.stopped in ("no more candidates", "max_steps 6 reached", "within budget")
 
@@ -228,7 +230,7 @@ def test_the_outlier_activation_goes_first_and_the_search_meets_a_reachable_budg
     ctx, backend, art, outcome = _run(tmp_path, max_drop=0.002)
     assert outcome.steps[0].drop > 0.002
     assert outcome.status == "ok" and outcome.after["drop"] <= 0.002 and outcome.stopped == "within budget"
-    first_fallback = outcome.steps[2]
+    first_fallback = outcome.steps[1]
     assert "l1" in first_fallback.kept_float   # the 300x channel's layer is ranked worst
     assert outcome.chosen == len(outcome.steps) - 1 and Path(art.path).parent == tmp_path
     assert not (tmp_path / "search").exists()
@@ -292,20 +294,21 @@ def test_with_rewrites_the_weak_linear_is_standardized_instead_of_kept_in_float(
     """The scale of a folded standardisation moves into the activation (edgekit.quantize.rewrite): the
     layer stays int8, only its tiny elementwise input transform is kept float, and it quantizes about as
     well as the layer kept in float (the remaining drop is l1's outlier channel)."""
-    _, _, _, in_float = _run(tmp_path / "a", max_drop=1e-6, max_steps=1) if (tmp_path / "a").mkdir() is None else None
-    _, backend, _, rewritten = _run(tmp_path / "b", max_drop=1e-6, max_steps=1, rewrites=True) \
-        if (tmp_path / "b").mkdir() is None else None
-    step = rewritten.steps[1]
-    assert "1 standardized" in step.step and step.kept_float == ["head.0"]
-    assert step.drop < rewritten.steps[0].drop and abs(step.drop - in_float.steps[1].drop) < 0.002
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, _, _, in_float = _run(tmp_path / "a", max_drop=1.0)
+    _, backend, _, rewritten = _run(tmp_path / "b", max_drop=1.0, rewrites=True)
+    first = rewritten.steps[0]
+    assert "1 standardized" in first.step and first.kept_float == ["head.0"]
+    assert abs(first.drop - in_float.steps[0].drop) < 0.002
 
 
 def test_quantization_aware_distillation_is_the_rung_before_float_fallback(tmp_path):
-    ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=3, rewrites=True, distill_steps=30)
+    ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=2, rewrites=True, distill_steps=30)
     labels = [s.step for s in outcome.steps]
-    assert "standardized" in labels[1] and labels[2].startswith("quantization-aware distillation (30 steps")
-    assert labels[3].startswith("float fallback")
+    assert "standardized" in labels[0] and labels[1].startswith("quantization-aware distillation (30 steps")
+    assert labels[2].startswith("float fallback")
     # the distilled model was exported and quantized with the options of the best step before it
-    distilled = ctx.history[2].candidate
+    distilled = ctx.history[1].candidate
     assert distilled.model is not None and Path(distilled.source.path).parent.name == "distilled"
-    assert distilled.opts == ctx.history[1].candidate.opts or distilled.opts == ctx.history[0].candidate.opts
+    assert distilled.opts == ctx.history[0].candidate.opts

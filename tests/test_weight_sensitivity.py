@@ -53,14 +53,14 @@ class ProbeReLU6(Probe):
 
 
 def _first_rung(backend, model, fp32, first, opts, calib):
-    """The search ladder's first candidate (edgekit.quantize.search.ladder) for this backend."""
+    """What the first build is made with (edgekit.quantize.quality.prepare), without rewrites: weak
+    layers are kept in float."""
     from types import SimpleNamespace
 
-    from edgekit.quantize.search import ladder
+    from edgekit.quantize.quality import prepare
 
-    ctx = SimpleNamespace(backend=backend, model=model, calibration=calib, tag="[t] quantize search",
-                          history=[SimpleNamespace(artifact=first)], export=None)
-    return next(ladder(ctx, fp32, opts))
+    start = prepare(backend, fp32, opts, model, calib, export=None)
+    return SimpleNamespace(opts=start.opts, label=start.label, kept_float=backend.float_units(start.opts))
 
 
 def _calib(tmp_path):

@@ -199,9 +199,9 @@ class Backend(ABC):
         """Cheap fixes for ``opts`` that keep every layer in int8 (fusions, calibration choices)."""
         return []
 
-    def units_of_modules(self, fp32: Artifact, art: Artifact, modules: list[str]) -> list[str]:
-        """This backend's float-fallback units (graph node / op / module names) that come from the torch
-        ``modules`` of the model ``fp32`` was exported from (``art`` is a quantized build of it)."""
+    def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
+        """This backend's float-fallback units (graph node / op / module names, as ``keep_in_float`` takes
+        them) that come from the torch ``modules`` of the model ``fp32`` was exported from."""
         return []
 
     def rank_activations(self, art: Artifact, calibration, samples: int) -> list[tuple[list[str], float]]:

@@ -1,21 +1,18 @@
 """Accuracy-aware quantization: never ship a collapsed int8 model silently.
 
 The policy lives here, once, for every toolchain; a backend only answers questions about its graph
-(``edgekit.backends.base.Backend``: ``quality_fixes``, ``units_of_modules``, ``rank_activations``,
-``keep_in_float``). After a target's first quantization the build worker scores the artifact on the
-first ``eval_samples`` evaluation samples with the report's metric against the fp32 torch reference (a
-step within budget there is scored on the whole evaluation set, which decides).
-If the drop exceeds the target's ``max_metric_drop``, the search climbs a ladder, least fallback first,
-building, scoring and timing each step in-process:
+(``edgekit.backends.base.Backend``: ``units_of_modules``, ``rank_activations``, ``keep_in_float``).
+The first build already has the quality methods (``edgekit.quantize.quality``: the backend's cheap
+fixes, weak-weight layers standardized). The build worker scores it on the first ``eval_samples``
+evaluation samples with the report's metric against the fp32 torch reference (a step within budget
+there is scored on the whole evaluation set, which decides). If the drop exceeds the target's
+``max_metric_drop``, the search climbs a ladder, least fallback first, building, scoring and timing each
+step in-process:
 
-1. **Quality fixes, one build**: the backend's cheap fixes (fusions, calibration choices), and every
-   Conv/Linear whose int8 *weights* break its output (``edgekit.quantize.weights``, SQNR under
-   ``WEAK_DB``; activation rankings cannot see weight rounding): a Linear is standardized (the scale
-   moves into its input activation, ``edgekit.quantize.rewrite``), anything else is kept in float.
-2. **Quantization-aware distillation** (``edgekit.quantize.qad``, ``[quantize] distill_steps``): the
+1. **Quantization-aware distillation** (``edgekit.quantize.qad``, ``[quantize] distill_steps``): the
    best model so far fine-tuned against the fp32 outputs with int8 rounding in the loop, then quantized
    by the toolchain with the same options: full-int8 speed kept.
-3. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
+2. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
    latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration samples; the
    units around the k worst are kept in float, k = 1, 2, 4, ... (every activation under ``BROKEN_DB``
    at once: dozens of rounded-to-nothing ReLU6 outputs one by one would never finish). Ranking again
@@ -40,6 +37,7 @@ import numpy as np
 
 from edgekit.measure.verify import score
 from edgekit.progress import say
+from edgekit.quantize.quality import Start
 from edgekit.report.schema import SearchOutcome, SearchStep
 
 SENSITIVITY_SAMPLES = 8
@@ -182,24 +180,13 @@ def choose_best(history: list[Scored], max_drop: float) -> Optional[Scored]:
 
 # -- the ladder ---------------------------------------------------------------------------------------
 
-def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
-    """The candidates, least fallback first (module docstring). Reads ``ctx.history`` between steps."""
+def ladder(ctx: SearchContext, fp32) -> Iterator[Candidate]:
+    """The candidates after the first build, least fallback first (module docstring). Reads
+    ``ctx.history`` between steps."""
     backend = ctx.backend
-    # Rung 1: the backend's quality fixes + weak int8 weights handled, in one build.
-    labels, update = [], {}
-    for fix in backend.quality_fixes(fp32, opts):
-        labels.append(fix.label)
-        update.update(fix.update)
-    base = opts.model_copy(update=update) if update else opts
-    base, source, model, in_float, weak_label = _weak_weights(ctx, fp32, base)
-    if weak_label:
-        labels.append(weak_label)
-    if labels:
-        yield Candidate(" + ".join(labels), base, kept_float=backend.float_units(base), source=source, model=model,
-                        float_modules=in_float)
-        best = ctx.best.candidate  # go on from the better of the default and rung 1
-        base, source = best.opts, best.source
-    # Rung 2: quantization-aware distillation of the best model so far, quantized with the same options.
+    best = ctx.best.candidate
+    base, source = best.opts, best.source
+    # Rung 1: quantization-aware distillation of the best model so far, quantized with the same options.
     if ctx.distill_steps and ctx.export is not None:
         from edgekit.quantize.qad import distill_for_int8
 
@@ -213,9 +200,9 @@ def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
                         source=ctx.export(tuned, "distilled"), model=tuned, float_modules=best.float_modules)
         best = ctx.best.candidate
         base, source = best.opts, best.source
-    # Rung 3+: float fallback around the worst activations of the latest build, re-ranked every step.
+    # Rung 2+: float fallback around the worst activations of the latest build, re-ranked every step.
     kept = set(backend.float_units(base))
-    art = ctx.history[-1].artifact
+    art = ctx.best.artifact
     k = 1
     while True:
         say(f"{ctx.tag}: per-channel SQNR of each quantized activation on "
@@ -236,59 +223,23 @@ def ladder(ctx: SearchContext, fp32, opts) -> Iterator[Candidate]:
         k *= 2
 
 
-def _weak_weights(ctx: SearchContext, fp32, opts):
-    """Layers whose int8 weights break their output (``edgekit.quantize.weights``): each Linear is
-    standardized (``edgekit.quantize.rewrite``: the scale moves into the activation; the model is
-    exported again to quantize from), anything else is kept in float. Returns (options, the fp32
-    artifact to quantize from or None for ``fp32``, its torch model or None, the torch modules kept in
-    float, a label or None)."""
-    from edgekit.quantize.rewrite import standardize
-    from edgekit.quantize.weights import WEAK_DB, weak_layers
-
-    backend = ctx.backend
-    weak = weak_layers(ctx.model, ctx.calibration, backend.weights_per_channel(opts), SENSITIVITY_SAMPLES)
-    if not weak:
-        return opts, None, None, [], None
-    say(f"{ctx.tag}: layers whose int8 weights break their output (SQNR dB): "
-        + ", ".join(f"{m} {v:.1f}" for m, v in weak[:5]))
-    names = [m for m, _ in weak]
-    source, model, done = None, None, []
-    if ctx.export is not None:
-        model, added = standardize(ctx.model, names, ctx.torch_samples(len(ctx.calibration)))
-        if not added:
-            model = None
-        else:
-            done = [a.rpartition(".")[0] for a in added]
-            source = ctx.export(model, "standardized")
-            # the elementwise (x - c) / s stays float wherever the backend would otherwise quantize it
-            opts = backend.keep_in_float(opts, backend.units_of_modules(source, source, added))
-    rest = [n for n in names if n not in done]
-    units = backend.units_of_modules(fp32, ctx.history[0].artifact, rest) if rest else []
-    if units:
-        opts = backend.keep_in_float(opts, units)
-    parts = ([f"{len(done)} standardized (scale moved into the activation)"] if done else []) + \
-        ([f"{len(rest)} in float ({len(units)} units)"] if units else [])
-    if not parts:
-        return opts, None, None, [], None
-    return opts, source, model, rest if units else [], (
-        f"the {len(weak)} layers whose int8 weights lose most (weight SQNR < {WEAK_DB:g} dB): " + ", ".join(parts))
-
-
 # -- the driver ---------------------------------------------------------------------------------------
 
-def search(ctx: SearchContext, fp32, first, first_opts, out: Path,
+def search(ctx: SearchContext, fp32, first, start: Start, out: Path,
            candidates: Optional[Callable[[SearchContext], Iterator[Candidate]]] = None) -> tuple[Any, SearchOutcome]:
-    """Score ``first`` (the profile's quantization); climb the ladder if it misses the budget. Returns the
-    artifact to ship (its files moved into ``out``) and the outcome for the report. ``candidates``
-    replaces the ladder (tests)."""
-    first_scored = ctx.evaluate(Candidate("default (profile's quantization)", first_opts), first, 0.0)
+    """Score ``first`` (built with ``start``: the profile's quantization and the quality methods); climb
+    the ladder if it misses the budget. Returns the artifact to ship (its files moved into ``out``) and
+    the outcome for the report. ``candidates`` replaces the ladder (tests)."""
+    cand = Candidate(start.label, start.opts, kept_float=ctx.backend.float_units(start.opts), source=start.source,
+                     model=start.model, float_modules=list(start.float_modules))
+    first_scored = ctx.evaluate(cand, first, 0.0)
     ctx.history.append(first_scored)
-    say(f"{ctx.tag}: default drop {first_scored.drop:+.4f} ({ctx.metric} on {first_scored.scored_on} samples), "
+    say(f"{ctx.tag}: first build drop {first_scored.drop:+.4f} ({ctx.metric} on {first_scored.scored_on} samples), "
         f"~{first_scored.latency_ms:.2f} ms; budget {ctx.max_drop:g}")
-    stop = "default quantization within budget"
+    stop = "first quantization within budget"
     ctx.start = time.perf_counter()  # the budget is for the search itself
     if not within(first_scored, ctx.max_drop):
-        gen = candidates(ctx) if candidates else ladder(ctx, fp32, first_opts)
+        gen = candidates(ctx) if candidates else ladder(ctx, fp32)
         stop = _loop(ctx, fp32, out, gen)
     best = ctx.best
     art = _keep(best, ctx.history, out)

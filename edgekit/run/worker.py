@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,82 +86,98 @@ def build(job: BuildJob) -> BuildResult:
     calib = load_calibration(recipe)
     args = example_inputs(recipe.model.inputs, calib.sample(0))
 
+    def export(m, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        return backend.export_fp32(m, args, recipe.model.inputs, folder, export_opts)
+
     result = BuildResult()
     pruned = None
     if recipe.prune is not None:  # prune a copy first: the fp32 baseline below stays the unpruned model
         pruned = _prune(model, recipe, profile, calib, job.prune_eval, result)
     with step(profile.name, "export fp32") as s:
-        fp32 = backend.export_fp32(model, args, recipe.model.inputs, out, export_opts)
+        fp32 = export(model, out)
     result.timings["export_s"] = s["seconds"]
     result.fp32 = BuiltArtifact.of(fp32)
     try:
-        with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
-            opt = backend.quantize(fp32, calib, out, quant_opts)
-        result.timings["quantize_s"] = s["seconds"]
-        q_fp32, q_out = fp32, out
         if pruned is not None:  # optimized = pruned + quantized; the unpruned int8 artifact shows what pruning adds
-            result.extras["int8_unpruned"] = BuiltArtifact.of(opt)
-            with step(profile.name, "export + quantize the pruned model") as s:
-                q_out = out / "pruned"
-                q_out.mkdir(exist_ok=True)
-                q_fp32 = backend.export_fp32(pruned, args, recipe.model.inputs, q_out, export_opts)
-                opt = backend.quantize(q_fp32, calib, q_out, quant_opts)
-            result.timings["prune_export_quantize_s"] = s["seconds"]
+            with step(profile.name, "quantize the unpruned model (latency reference)") as s:
+                _, unpruned = _quantize(backend, fp32, model, quant_opts, calib, out, export, profile.name)
+            result.extras["int8_unpruned"] = BuiltArtifact.of(unpruned)
+            with step(profile.name, "export the pruned model") as s:
+                q_fp32, q_out, q_model = export(pruned, out / "pruned"), out / "pruned", pruned
+            result.timings["prune_export_s"] = s["seconds"]
+        else:
+            q_fp32, q_out, q_model = fp32, out, model
+        with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
+            start, opt = _quantize(backend, q_fp32, q_model, quant_opts, calib, q_out, export, profile.name)
+        result.timings["quantize_s"] = s["seconds"]
+        opt.details["quality_methods"] = start.methods
         if job.search is not None:  # accuracy-aware search on what ships (the pruned model, if pruned)
             try:
                 opt, result.quantize_search, chosen = _search(job.search, recipe, profile, backend, q_fp32, opt,
-                                                              quant_opts, calib, q_out,
-                                                              model if pruned is None else pruned)
+                                                              start, calib, q_out, q_model, export)
                 result.timings["quantize_search_s"] = result.quantize_search.search_s
-                if pruned is not None and chosen != quant_opts:
-                    _unpruned_like_shipped(result, backend, fp32, calib, out, chosen, profile.name)
+                if pruned is not None and chosen != start.opts:
+                    _unpruned_like_shipped(result, backend, fp32, model, calib, out, chosen, export, profile.name)
             except Exception as e:  # noqa: BLE001 - the first artifact still gets verified and timed
                 say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
-                    f"keeping the profile's quantization")
+                    f"keeping the first quantization")
                 result.quantize_search_error = f"{type(e).__name__}: {e}"
         result.optimized = BuiltArtifact.of(opt)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result.optimized_error = str(e)
+    finally:  # rewritten models' fp32 exports are what int8 was built from, not artifacts
+        for folder in (out / "rewritten", out / "pruned" / "rewritten"):
+            shutil.rmtree(folder, ignore_errors=True)
     for name, art in backend.variants(fp32, out, quant_opts).items():
         result.extras[name] = BuiltArtifact.of(art)
     return result
 
 
-def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, quant_opts, calib, out: Path, model):
+def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str):
+    """The first quantization: the profile's options with the quality methods
+    (``edgekit.quantize.quality``). Returns (what it was built with, the artifact)."""
+    from edgekit.quantize.quality import prepare
+
+    start = prepare(backend, fp32, opts, model, calib, lambda m, name: export(m, out / "rewritten" / name),
+                    tag=f"[{target}] quantize")
+    return start, backend.quantize(start.source or fp32, calib, out, start.opts)
+
+
+def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib, out: Path, model, export):
     """Accuracy-aware quantization (edgekit.quantize.search): score ``opt``, search if it misses.
     Returns (artifact to ship, outcome, the options it was built with)."""
     from edgekit.inputs.data import load_evaluation
     from edgekit.quantize.search import SearchContext, search
 
-    from edgekit.inputs.model import example_inputs
-
     evals = load_evaluation(recipe)
-    export_opts, _, runtime = backend.options(profile)
-    args = example_inputs(recipe.model.inputs, calib.sample(0))
-
-    def export(rewritten, name: str):
-        folder = out / "search" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return backend.export_fp32(rewritten, args, recipe.model.inputs, folder, export_opts)
-
+    _, _, runtime = backend.options(profile)
     ctx = SearchContext(target=profile.name, backend=backend, runtime=runtime, calibration=calib,
                         samples=list(evals), reference=np.load(spec.reference), labels=evals.labels,
                         metric=recipe.data.metric, max_drop=spec.max_drop, time_budget_s=spec.time_budget_s,
-                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples, export=export,
+                        max_steps=spec.max_steps, model=model, subset=spec.eval_samples,
+                        export=lambda m, name: export(m, out / "search" / name),
                         distill_steps=spec.distill_steps, distill_lr=spec.distill_lr)
-    art, outcome = search(ctx, fp32, opt, quant_opts, out)
+    art, outcome = search(ctx, fp32, opt, start, out)
     return art, outcome, ctx.best.candidate.opts
 
 
-def _unpruned_like_shipped(result: BuildResult, backend, fp32, calib, out: Path, chosen, target: str) -> None:
+def _unpruned_like_shipped(result: BuildResult, backend, fp32, model, calib, out: Path, chosen, export,
+                           target: str) -> None:
     """Rebuild the ``int8_unpruned`` reference with the options the search chose for the pruned model
-    (same layers kept in float, by name), so the latency comparison isolates what pruning adds."""
+    (same layers kept in float, by name; the same quality methods), so the latency comparison isolates
+    what pruning adds."""
+    from edgekit.quantize.quality import prepare
+
     for f in result.extras["int8_unpruned"].files:
         Path(f).unlink(missing_ok=True)
     with step(target, "quantize the unpruned model with the shipped artifact's options (latency reference)"):
         folder = out / "unpruned_like_shipped"
         folder.mkdir(exist_ok=True)
-        result.extras["int8_unpruned"] = BuiltArtifact.of(backend.quantize(fp32, calib, folder, chosen))
+        start = prepare(backend, fp32, chosen, model, calib, lambda m, name: export(m, folder / "rewritten" / name))
+        result.extras["int8_unpruned"] = BuiltArtifact.of(backend.quantize(start.source or fp32, calib, folder,
+                                                                          start.opts))
+        shutil.rmtree(folder / "rewritten", ignore_errors=True)
 
 
 def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: BuildResult):

@@ -115,7 +115,7 @@ class LiteRtBackend(Backend):
             return []
         return [Fix("conv->hardtanh (ReLU6) annotated like conv->relu", {"fuse_conv_hardtanh": True})]
 
-    def units_of_modules(self, fp32: Artifact, art: Artifact, modules: list[str]) -> list[str]:
+    def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
         return [f"{WRAPPED}.{m}" for m in modules]  # the model runs inside edgekit's input-naming wrapper
 
     def rank_activations(self, art: Artifact, calibration, samples: int) -> list[tuple[list[str], float]]:

@@ -93,6 +93,9 @@ class OnnxRuntimeBackend(Backend):
             quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
 
         excluded, bad = _guard_calibration(pre, calibration, opts)
+        # names from the fp32 graph (the search's units): ORT's pre-processing renames a node it fuses
+        # "<name>/<Fusion>", so exclude those too
+        fused = _fused_from(pre, set(opts.nodes_to_exclude))
         names = list(calibration.arrays)
         reduce_range = (not has_vnni()) if opts.reduce_range == "auto" else opts.reduce_range
 
@@ -113,7 +116,7 @@ class OnnxRuntimeBackend(Backend):
                 reduce_range=reduce_range,
                 activation_type=getattr(q.QuantType, _QTYPES[opts.activation_type]),
                 weight_type=getattr(q.QuantType, _QTYPES[opts.weight_type]),
-                nodes_to_exclude=sorted(set(opts.nodes_to_exclude) | set(excluded)),
+                nodes_to_exclude=sorted(set(opts.nodes_to_exclude) | set(excluded) | fused),
                 calibrate_method=getattr(q.CalibrationMethod, _CALIB[opts.calibrate_method]),
                 extra_options={"ActivationSymmetric": opts.symmetric_activations,
                                **({} if opts.symmetric_weights is None
@@ -155,10 +158,10 @@ class OnnxRuntimeBackend(Backend):
             return [Fix("quantize Clip (ReLU6) too, fused with its conv", {"op_types": [*opts.op_types, "Clip"]})]
         return []
 
-    def units_of_modules(self, fp32: Artifact, art: Artifact, modules: list[str]) -> list[str]:
+    def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
         from edgekit.backends.onnxruntime.graph import nodes_of_modules
 
-        return nodes_of_modules(Path(fp32.path), Path(art.path), modules)
+        return nodes_of_modules(Path(fp32.path), Path(fp32.path), modules)
 
     def rank_activations(self, art: Artifact, calibration, samples: int) -> list[tuple[list[str], float]]:
         from edgekit.backends.onnxruntime.graph import activation_sensitivity, nodes_touching
@@ -289,6 +292,16 @@ def _ranges_file(fp32: Artifact, opts: QuantizeOptions) -> dict:
         return {}
     key = repr((opts.op_types, opts.calibrate_method, opts.activation_type, opts.symmetric_activations))
     return {"calibration_cache_path": fp32.state.file(key)}
+
+
+def _fused_from(pre: Path, names: set[str]) -> set[str]:
+    """Nodes of the pre-processed graph that ORT's fusions made from ``names`` (``<name>/<Fusion>``)."""
+    if not names:
+        return set()
+    import onnx
+
+    return {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node
+            if "/" in n.name and n.name.split("/")[0] in names}
 
 
 def _guard_calibration(pre: Path, calibration, opts: QuantizeOptions) -> tuple[list[str], list[str]]:

@@ -125,7 +125,7 @@ class OpenVinoBackend(Backend):
             "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in q.get_ops())})
 
     # -- the accuracy search's questions (edgekit.quantize.search) ---------------------------------
-    def units_of_modules(self, fp32: Artifact, art: Artifact, modules: list[str]) -> list[str]:
+    def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
         from edgekit.backends.openvino.graph import ops_of_modules
 
         return ops_of_modules(Path(fp32.path), (fp32.state or {}).get("fx_modules", {}), modules)
