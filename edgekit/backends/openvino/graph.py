@@ -63,3 +63,24 @@ def ops_of_modules(xml: Path, fx_modules: dict[str, str], modules: list[str]) ->
     return sorted(op.get_friendly_name() for op in ov.Core().read_model(str(xml)).get_ordered_ops()
                   if op.get_type_name() in WEIGHTED
                   and fx_modules.get(op.get_friendly_name().split("/")[0]) in wanted)
+
+
+def _constant_ops(model) -> dict[str, bool]:
+    """Op name -> whether its value is a constant (a Constant, or computed from constants only)."""
+    const: dict[str, bool] = {}
+    for op in model.get_ordered_ops():
+        t = op.get_type_name()
+        const[op.get_friendly_name()] = t == "Constant" or (
+            t not in ("Parameter", "ReadValue", "Result", "Assign") and op.get_input_size() > 0
+            and all(const[i.get_source_output().get_node().get_friendly_name()] for i in op.inputs()))
+    return const
+
+
+def activation_matmuls(xml: Path) -> list[str]:
+    """MatMuls none of whose inputs is constant: attention's Q.K^T and P.V (activation x activation)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    const = _constant_ops(model)
+    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
+            and not any(const[i.get_source_output().get_node().get_friendly_name()] for i in op.inputs())]
