@@ -72,6 +72,10 @@ def test_the_search_questions_are_answered_consistently(built):
     assert set(b.backend.float_units(kept)) == set(b.backend.float_units(opts)) | set(units)
     assert b.backend.keep_in_float(kept, units) == kept    # idempotent
     assert isinstance(b.backend.weights_per_channel(opts), bool)
+    every = sorted({x for u, _ in ranked for x in u})
+    macs = b.backend.unit_macs(b.optimized, every)
+    assert set(macs) <= set(every) and all(isinstance(v, int) and v >= 0 for v in macs.values())
+    assert max(macs.values()) > 100_000    # the tiny model's matmuls / convolutions are found and costed
 
 
 def _calib(b):

@@ -312,3 +312,16 @@ def test_quantization_aware_distillation_is_the_rung_before_float_fallback(tmp_p
     distilled = ctx.history[1].candidate
     assert distilled.model is not None and Path(distilled.source.path).parent.name == "distilled"
     assert distilled.opts == ctx.history[0].candidate.opts
+
+
+def test_fallback_order_prefers_the_most_noise_removed_per_mac():
+    from edgekit.quantize.search import by_gain_per_cost
+
+    fresh = [({"big"}, 12.0), ({"small"}, 14.0), ({"eltwise"}, 20.0), ({"broken"}, 3.0)]
+    macs = {"big": 10_000_000, "small": 100_000, "eltwise": 0, "broken": 50_000_000}
+    order = [next(iter(u)) for u, _, _ in by_gain_per_cost(fresh, macs)]
+    assert order[0] == "broken"                     # broken first, whatever it costs
+    assert order.index("small") < order.index("big")  # 1.6x the noise of "small" is not worth 100x the MACs
+    assert order.index("eltwise") < order.index("big")
+    # no costs known: the SQNR ranking's order
+    assert [next(iter(u)) for u, _, _ in by_gain_per_cost(fresh, {})] == ["broken", "big", "small", "eltwise"]

@@ -209,6 +209,11 @@ class Backend(ABC):
         SQNR in dB of int8 vs float on ``samples`` calibration samples), worst first."""
         return []
 
+    def unit_macs(self, art: Artifact, units: Sequence[str]) -> dict[str, int]:
+        """Multiply-accumulates per call of each unit of ``art`` (what keeping it in float costs; 0 for
+        elementwise units). Units it cannot tell are left out (the search then treats them alike)."""
+        return {}
+
     def float_units(self, opts: Options) -> list[str]:
         """The units ``opts`` keeps out of int8."""
         return []

@@ -12,10 +12,12 @@ step in-process:
 1. **Quantization-aware distillation** (``edgekit.quantize.qad``, ``[quantize] distill_steps``): the
    best model so far fine-tuned against the fp32 outputs with int8 rounding in the loop, then quantized
    by the toolchain with the same options: full-int8 speed kept.
-2. **Float fallback, re-ranked after every step**: the backend ranks each quantized activation of the
-   latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration samples; the
-   units around the k worst are kept in float, k = 1, 2, 4, ... (every activation under ``BROKEN_DB``
-   at once: dozens of rounded-to-nothing ReLU6 outputs one by one would never finish). Ranking again
+2. **Float fallback, latency-aware, re-ranked after every step**: the backend ranks each quantized
+   activation of the latest build by its median per-channel SQNR on ``SENSITIVITY_SAMPLES`` calibration
+   samples and says what its units cost in float (``unit_macs``); the k activations that give back the
+   most noise per MAC have their units kept in float, k = 1, 2, 4, ... (every activation under
+   ``BROKEN_DB`` first and at once: dozens of rounded-to-nothing ReLU6 outputs one by one would never
+   finish). Ranking again
    after each step matters: damage upstream hides damage downstream (an activation already rounded
    to zero quantizes "exactly").
 
@@ -211,16 +213,33 @@ def ladder(ctx: SearchContext, fp32) -> Iterator[Candidate]:
         fresh = [(set(u) - kept, db) for u, db in ranked if set(u) - kept]
         if not fresh:
             return
-        say(f"{ctx.tag}: worst activations (median per-channel SQNR, dB): "
-            + ", ".join(f"{'/'.join(sorted(u))[:60]} {db:.1f}" for u, db in fresh[:5]))
-        k = max(k, sum(1 for _, db in fresh if db < BROKEN_DB))
-        for u, _ in fresh[:k]:
+        fresh = by_gain_per_cost(fresh, backend.unit_macs(art, sorted(set().union(*(u for u, _ in fresh)))))
+        say(f"{ctx.tag}: first in line (median per-channel SQNR dB, MACs kept in float): "
+            + ", ".join(f"{'/'.join(sorted(u))[:60]} {db:.1f} dB {macs / 1e6:.2f}M" for u, db, macs in fresh[:5]))
+        k = max(k, sum(1 for _, db, _ in fresh if db < BROKEN_DB))
+        for u, _, _ in fresh[:k]:
             kept |= u
-        yield Candidate(f"float fallback: the units around the {min(k, len(fresh))} worst activations "
-                        f"({len(kept)} in float in all)", backend.keep_in_float(base, kept), kept_float=sorted(kept),
-                        source=source)
+        yield Candidate(f"float fallback: the units around the {min(k, len(fresh))} activations with the most "
+                        f"noise per MAC given back ({len(kept)} in float in all)", backend.keep_in_float(base, kept),
+                        kept_float=sorted(kept), source=source)
         art = ctx.history[-1].artifact
         k *= 2
+
+
+def by_gain_per_cost(fresh: list[tuple[set, float]], macs: dict[str, int]) -> list[tuple[set, float, int]]:
+    """Latency-aware order of the fallback candidates: what an activation's units cost in float (their
+    MACs: int8 matmuls and convolutions are what float gives away; elementwise units cost next to
+    nothing) against what keeping them buys (the activation's quantization noise, 10^(-SQNR/10)).
+    Broken activations (SQNR under ``BROKEN_DB``) come first whatever they cost; then the most noise
+    removed per MAC. With no cost known the order is the SQNR ranking's. Returns (units, dB, MACs)."""
+    costs = [sum(macs.get(x, 0) for x in u) for u, _ in fresh]
+    floor = max(1, int(np.median([c for c in costs if c] or [1]) * 0.01))  # elementwise: about free, not free
+
+    def key(i: int):
+        u, db = fresh[i]
+        return (db >= BROKEN_DB, -(10 ** (-db / 10)) / (costs[i] + floor), db)
+
+    return [(fresh[i][0], fresh[i][1], costs[i]) for i in sorted(range(len(fresh)), key=key)]
 
 
 # -- the driver ---------------------------------------------------------------------------------------

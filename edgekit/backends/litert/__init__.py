@@ -126,6 +126,12 @@ class LiteRtBackend(Backend):
             return []
         return [([m], db) for m, db in activation_sensitivity(converted, calibration, samples)]
 
+    def unit_macs(self, art: Artifact, units: Sequence[str]) -> dict[str, int]:
+        from edgekit.backends.litert.pt2e import module_macs
+
+        converted = (art.state or {}).get("converted")
+        return module_macs(converted, units) if converted is not None else {}
+
     def float_units(self, opts: QuantizeOptions) -> list[str]:
         return list(opts.float_modules)
 

@@ -115,3 +115,43 @@ def activation_sensitivity(converted, calibration, samples: int) -> list[tuple[s
     mods = set().union(*per_sample) if per_sample else set()
     ranked = [(m, float(np.mean([d[m] for d in per_sample if m in d]))) for m in mods]
     return sorted(((m, v) for m, v in ranked if v < math.inf), key=lambda t: t[1])  # +inf: nothing measured
+
+
+def module_macs(converted, modules) -> dict[str, int]:
+    """Multiply-accumulates of the linear / convolution ops directly in each of ``modules`` (module paths
+    as ``float_modules`` takes them), from the converted graph's shapes."""
+    import torch
+
+    wanted = set(modules)
+    out = {m: 0 for m in wanted}
+    for n in converted.graph.nodes:
+        mod = _module_of(n)
+        if mod not in wanted or n.op != "call_function":
+            continue
+        val = n.meta.get("val")
+        w = _shape(converted, n.args[1]) if len(n.args) > 1 else None
+        if not isinstance(val, torch.Tensor) or w is None:
+            continue
+        if n.target in (torch.ops.aten.linear.default,):
+            out[mod] += val.numel() * w[-1]
+        elif n.target in (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                          torch.ops.aten.convolution.default):
+            out[mod] += val.numel() * math.prod(w[1:])
+    return out
+
+
+def _shape(gm, node, depth: int = 4):
+    """The shape of a graph value: its traced value, a parameter's, or (through a dequantize) its input's."""
+    import torch
+
+    val = getattr(node, "meta", {}).get("val")
+    if isinstance(val, torch.Tensor):
+        return list(val.shape)
+    if getattr(node, "op", None) == "get_attr":
+        t = gm
+        for part in node.target.split("."):
+            t = getattr(t, part)
+        return list(t.shape)
+    if depth and getattr(node, "op", None) == "call_function" and node.args:
+        return _shape(gm, node.args[0], depth - 1)
+    return None

@@ -171,6 +171,11 @@ class OnnxRuntimeBackend(Backend):
                   for t, db in activation_sensitivity(Path(art.path), calibration, samples)]
         return [(units, db) for units, db in ranked if units]  # an activation no quantized node touches: no unit
 
+    def unit_macs(self, art: Artifact, units: Sequence[str]) -> dict[str, int]:
+        from edgekit.backends.onnxruntime.graph import node_macs
+
+        return node_macs(Path(art.path), units)
+
     def float_units(self, opts: QuantizeOptions) -> list[str]:
         return list(opts.nodes_to_exclude)
 

@@ -105,3 +105,39 @@ def activation_sensitivity(qdq_path: Path, calibration, samples: int) -> list[tu
     ranked = [(name, channel_sqnr(m["pre_qdq"], m["post_qdq"]))
               for name, m in create_activation_matching(acts).items() if m.get("pre_qdq") and m.get("post_qdq")]
     return sorted(ranked, key=lambda t: t[1])
+
+
+def node_macs(model_path: Path, names) -> dict[str, int]:
+    """Multiply-accumulates of the MatMul / Gemm / Conv nodes among ``names`` (0 for any other node),
+    from the graph's static shapes (weights read through their DequantizeLinear)."""
+    import math
+
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - shapes are an estimate's input; without them the node has no cost
+        pass
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    dq = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    wanted, out = set(names), {}
+    for n in model.graph.node:
+        if n.name not in wanted:
+            continue
+        out[n.name] = 0
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        y, w = shapes.get(n.output[0]), shapes.get(dq.get(n.input[1], n.input[1]))
+        if not y or not w or not all(y) or not all(w):
+            continue
+        if n.op_type == "Conv":
+            k = math.prod(w[1:])
+        elif n.op_type == "Gemm":
+            k = w[1] if any(a.name == "transB" and a.i for a in n.attribute) else w[0]
+        else:
+            k = w[-2] if len(w) >= 2 else w[0]
+        out[n.name] = math.prod(y) * k
+    return out

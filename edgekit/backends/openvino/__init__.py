@@ -148,6 +148,11 @@ class OpenVinoBackend(Backend):
 
         return [(ops, db) for ops, db in activation_sensitivity(Path(art.path), calibration, samples) if ops]
 
+    def unit_macs(self, art: Artifact, units: Sequence[str]) -> dict[str, int]:
+        from edgekit.backends.openvino.graph import op_macs
+
+        return op_macs(Path(art.path), units)
+
     def float_units(self, opts: QuantizeOptions) -> list[str]:
         return list(opts.ignored_scope.names)
 

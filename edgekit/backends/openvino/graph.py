@@ -84,3 +84,32 @@ def activation_matmuls(xml: Path) -> list[str]:
     const = _constant_ops(model)
     return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"
             and not any(const[i.get_source_output().get_node().get_friendly_name()] for i in op.inputs())]
+
+
+def op_macs(xml: Path, names) -> dict[str, int]:
+    """Multiply-accumulates of the MatMul / convolution ops among ``names`` (0 for any other op), from
+    the IR's static shapes."""
+    import math
+
+    import openvino as ov
+
+    wanted, out = set(names), {}
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        name = op.get_friendly_name()
+        if name not in wanted:
+            continue
+        out[name] = 0
+        t = op.get_type_name()
+        if t not in WEIGHTED or not op.get_output_partial_shape(0).is_static or \
+                not op.input(1).get_partial_shape().is_static:
+            continue
+        y, w = list(op.get_output_shape(0)), list(op.input(1).get_shape())
+        if t == "MatMul":
+            a = list(op.input(0).get_shape()) if op.input(0).get_partial_shape().is_static else []
+            k = (a[-2] if op.get_attributes().get("transpose_a") else a[-1]) if a else 0
+        elif t == "GroupConvolution":
+            k = math.prod(w[2:])
+        else:
+            k = math.prod(w[1:])
+        out[name] = math.prod(y) * k
+    return out
