@@ -47,3 +47,29 @@ def test_corrupt_model_cannot_load(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"\x08garbage")
     with pytest.raises(TargetError, match=r"onnxruntime cannot load .*x\.onnx"):
         backend.load(tmp_path / "x.onnx", backend.RuntimeOptions())
+
+
+def test_gemm_rewrite_is_exact_and_unread_qdq_pairs_go(built, tmp_path):
+    """The quality passes (edgekit.backends.onnxruntime.passes): MatMul + bias as Gemm computes the same,
+    every linear layer then quantizes to an integer Gemm, and Q/DQ pairs no int8 op reads are removed."""
+    from edgekit.backends.onnxruntime import QuantizeOptions, passes
+
+    gemm = tmp_path / "gemm.onnx"
+    assert passes.matmul_add_as_gemm(built.fp32.path, gemm) > 0
+    np.testing.assert_allclose(built.outputs(gemm), built.outputs(built.fp32.path), atol=1e-5)
+    before = {n.name for n in onnx.load(str(built.fp32.path)).graph.node if n.op_type == "Gemm"}
+    new = {n.name for n in onnx.load(str(gemm)).graph.node if n.op_type == "Gemm"} - before
+    assert new and all(n.endswith("/Gemm") for n in new)   # "<matmul>/Gemm": exclusions by fp32 name reach it
+    from tests.conftest import DATA
+    from edgekit.inputs.data import SampleSet
+
+    with np.load(DATA / "calib.npz") as z:
+        calib = SampleSet(DATA / "calib.npz", {k: z[k][:16] for k in ("image", "input_ids", "attention_mask")}, None)
+    plain = built.backend.quantize(built.fp32, calib, tmp_path, QuantizeOptions())
+    (tmp_path / "q").mkdir()
+    tuned = built.backend.quantize(built.fp32, calib, tmp_path / "q",
+                                   QuantizeOptions(matmul_add_as_gemm=True, drop_unread_qdq=True))
+    assert tuned.details["matmul_add_as_gemm"] > 0 and tuned.details["unread_qdq_dropped"] > 0
+    q = lambda p: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    assert q(tuned.path) < q(plain.path)
+    assert cosine(built.outputs(tuned.path), built.reference) >= cosine(built.outputs(plain.path), built.reference) - 0.002

@@ -44,6 +44,12 @@ class QuantizeOptions(Options):
     op_types: Optional[list[str]] = ["Conv", "MatMul", "Gemm"]
     """ONNX op types to quantize; None = every op ORT can quantize."""
     nodes_to_exclude: list[str] = []
+    matmul_add_as_gemm: bool = False
+    """Rewrite MatMul + constant bias Add as Gemm before quantizing (exact), so every linear layer runs
+    as an integer QGemm (``passes.matmul_add_as_gemm``). A quality fix the search's first build turns on."""
+    drop_unread_qdq: bool = False
+    """Remove the Q/DQ pairs on MatMul/Gemm outputs that no int8 op reads (``passes.drop_unread_qdq``).
+    A quality fix the search's first build turns on."""
     skip_symbolic_shape: bool = False
     """quant_pre_process's symbolic shape inference crashes on some BERT graphs; edgekit retries
     with it skipped automatically, this forces it."""
@@ -56,6 +62,9 @@ class RuntimeOptions(Options):
     providers: list[str] = ["CPUExecutionProvider"]
     threads: int = 1
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    disabled_optimizers: list[str] = []
+    """ORT graph optimizers to leave out (InferenceSession's ``disabled_optimizers``), for fp32 and int8
+    alike: e.g. ``SkipLayerNormFusion`` where the fused float kernel is slower than its parts."""
 
 
 class OnnxRuntimeBackend(Backend):
@@ -82,15 +91,24 @@ class OnnxRuntimeBackend(Backend):
         q = self.require("onnxruntime.quantization")
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        from edgekit.backends.onnxruntime import passes
+
         pre = out / "model_fp32.pre.onnx"
+        src, gemms = Path(fp32.path), 0
+        if opts.matmul_add_as_gemm:
+            src = out / "model_fp32.gemm.onnx"
+            gemms = passes.matmul_add_as_gemm(Path(fp32.path), src)
         skip = opts.skip_symbolic_shape
         try:
-            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=skip)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=skip)
         except Exception as e:  # noqa: BLE001
             if skip:
                 raise TargetError(f"quant_pre_process failed: {first_lines(e)}") from None
             say(f"  quant_pre_process: symbolic shape inference failed ({first_lines(e)}); retrying without it")
-            quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        finally:
+            if src != Path(fp32.path):
+                src.unlink(missing_ok=True)
 
         excluded, bad = _guard_calibration(pre, calibration, opts)
         # names from the fp32 graph (the search's units): ORT's pre-processing renames a node it fuses
@@ -123,6 +141,7 @@ class OnnxRuntimeBackend(Backend):
                                   else {"WeightSymmetric": opts.symmetric_weights})},
                 **_ranges_file(fp32, opts),
             )
+            dropped = passes.drop_unread_qdq(path, opts.op_types) if opts.drop_unread_qdq else 0
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"onnxruntime quantize_static failed: {type(e).__name__}: {first_lines(e)}") from None
         finally:
@@ -142,7 +161,7 @@ class OnnxRuntimeBackend(Backend):
             "calibrate_method": opts.calibrate_method, "op_types": opts.op_types,
             "calibration_samples": len(calibration), "inputs": names,
             "nodes_to_exclude": opts.nodes_to_exclude, "nonfinite_tensors": bad,
-            "excluded_nonfinite_nodes": excluded})
+            "excluded_nonfinite_nodes": excluded, "matmul_add_as_gemm": gemms, "unread_qdq_dropped": dropped})
 
     # -- the accuracy search's questions (edgekit.quantize.search) ---------------------------------
     def weights_per_channel(self, opts: QuantizeOptions) -> bool:
@@ -152,11 +171,16 @@ class OnnxRuntimeBackend(Backend):
         import onnx
 
         ops = {n.op_type for n in onnx.load(str(fp32.path), load_external_data=False).graph.node}
+        fixes = []
         if opts.op_types is not None and "Clip" not in opts.op_types and "Clip" in ops:
             # ReLU6 quantized with its conv: QDQ around the clip lets ORT fuse it (the conv's output
             # range is then the clipped one); it restored EfficientNet-Lite0's image tower
-            return [Fix("quantize Clip (ReLU6) too, fused with its conv", {"op_types": [*opts.op_types, "Clip"]})]
-        return []
+            fixes.append(Fix("quantize Clip (ReLU6) too, fused with its conv", {"op_types": [*opts.op_types, "Clip"]}))
+        if "MatMul" in ops and not (opts.matmul_add_as_gemm and opts.drop_unread_qdq):
+            # mnist_bbc: text-tower drop 0.011 -> 0.006 and 2.4x -> 3.2x over fp32 (AMX QGemm everywhere)
+            fixes.append(Fix("linear layers as Gemm (integer QGemm) and no int8 rounding of matmul outputs "
+                             "only float ops read", {"matmul_add_as_gemm": True, "drop_unread_qdq": True}))
+        return fixes
 
     def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
         from edgekit.backends.onnxruntime.graph import nodes_of_modules
@@ -210,7 +234,9 @@ class OnnxRuntimeBackend(Backend):
         have = ort.get_available_providers()
         providers = [p for p in runtime.providers if p in have] or ["CPUExecutionProvider"]
         try:
-            sess = ort.InferenceSession(str(path), so, providers=providers)
+            sess = ort.InferenceSession(str(path), so, providers=providers,
+                                        **({"disabled_optimizers": runtime.disabled_optimizers}
+                                           if runtime.disabled_optimizers else {}))
         except Exception as e:  # noqa: BLE001
             raise TargetError(f"onnxruntime cannot load {path}: {first_lines(e)}") from None
         return _OrtRunner(sess)
@@ -219,7 +245,8 @@ class OnnxRuntimeBackend(Backend):
         return Path(__file__).with_name("remote_runner.py")
 
     def remote_settings(self, runtime: RuntimeOptions) -> dict:
-        return {"providers": list(runtime.providers), "threads": runtime.threads}
+        return {"providers": list(runtime.providers), "threads": runtime.threads,
+                "disabled_optimizers": list(runtime.disabled_optimizers)}
 
     def doctor_lines(self) -> list[str]:
         import importlib.metadata as md
@@ -295,7 +322,8 @@ class _Ranges:
 def _ranges_file(fp32: Artifact, opts: QuantizeOptions) -> dict:
     if not isinstance(fp32.state, _Ranges):
         return {}
-    key = repr((opts.op_types, opts.calibrate_method, opts.activation_type, opts.symmetric_activations))
+    key = repr((opts.op_types, opts.calibrate_method, opts.activation_type, opts.symmetric_activations,
+                opts.matmul_add_as_gemm))  # what changes the graph that is calibrated or its ranges
     return {"calibration_cache_path": fp32.state.file(key)}
 
 
@@ -314,8 +342,10 @@ def _guard_calibration(pre: Path, calibration, opts: QuantizeOptions) -> tuple[l
     calibration range would be non-finite or absurd. Returns (excluded nodes, offending tensors)."""
     from edgekit.backends.onnxruntime import graph
 
-    try:
-        bad = graph.nonfinite_tensors(pre, calibration)
+    from edgekit.backends.onnxruntime.passes import sentinel_tensors
+
+    try:  # from a sentinel constant (a -inf mask, even if no calibration sample is padded), or seen in the data
+        bad = sorted(sentinel_tensors(pre) | set(graph.nonfinite_tensors(pre, calibration)))
     except Exception as e:  # noqa: BLE001 - the guard must never be what breaks quantization
         say(f"  WARNING: calibration guard could not run ({type(e).__name__}: {first_lines(e, 1)}); skipped")
         return [], []

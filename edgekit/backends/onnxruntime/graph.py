@@ -98,11 +98,18 @@ def activation_sensitivity(qdq_path: Path, calibration, samples: int) -> list[tu
         def get_next(self):
             return next(self._it, None)
 
+    from edgekit.backends.onnxruntime.passes import q_ranges
+
     with tempfile.TemporaryDirectory() as tmp:
         aug = Path(tmp) / "debug.onnx"
         modify_model_output_intermediate_tensors(str(qdq_path), str(aug))
         acts = collect_activations(str(aug), Reader())
-    ranked = [(name, channel_sqnr(m["pre_qdq"], m["post_qdq"]))
+    # The float side clipped to what the quantizer represents: where ORT folded a Clip (ReLU6) into the
+    # conv's output range, the unclipped conv output is not the reference (it would read as 0 dB); with
+    # MinMax ranges nothing else saturates on calibration data.
+    ranges = q_ranges(qdq_path)
+    ranked = [(name, channel_sqnr([np.clip(a, *ranges[name]) for a in m["pre_qdq"]] if name in ranges
+                                  else m["pre_qdq"], m["post_qdq"]))
               for name, m in create_activation_matching(acts).items() if m.get("pre_qdq") and m.get("post_qdq")]
     return sorted(ranked, key=lambda t: t[1])
 

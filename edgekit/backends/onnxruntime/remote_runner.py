@@ -6,6 +6,7 @@ library, numpy and the runtime (onnxruntime). edgekit is not installed there.
     python3 remote_runner.py job.json     # prints one JSON line on stdout
 
 job.json: {"artifact": "model.onnx", "feeds": "feeds.npz", "providers": [...], "threads": 1,
+           "disabled_optimizers": [...],
            "warmup": 10, "runs": 100}
 The result holds raw per-run times; edgekit computes the statistics on its side, so they are the
 same statistics as for host measurements.
@@ -63,7 +64,9 @@ def run(job):
     so.intra_op_num_threads = job["threads"]
     so.inter_op_num_threads = 1
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(job["artifact"], so, providers=providers)
+    disabled = job.get("disabled_optimizers") or []
+    sess = ort.InferenceSession(job["artifact"], so, providers=providers,
+                                **({"disabled_optimizers": disabled} if disabled else {}))
     load_ms = (time.perf_counter() - t0) * 1e3
     names = {i.name for i in sess.get_inputs()}
     with np.load(job["feeds"]) as z:
