@@ -156,3 +156,25 @@ def test_standardize_is_exact_in_float_and_fixes_the_weights():
     samples = [{"x": x.numpy()} for (x,) in xs]
     before, after = dict(weight_sensitivity(model, samples)), dict(weight_sensitivity(new, samples))
     assert before["head"] < 10 and after["head.1"] > 20
+
+
+def test_smooth_is_exact_in_float_and_flattens_the_activation():
+    """edgekit.quantize.rewrite.smooth: a Linear whose input has an outlier channel gets the scale
+    migrated into its weights; same outputs, the int8 activation is flatter, other Linears untouched."""
+    from edgekit.quantize.rewrite import ChannelScale, input_absmax, smooth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[3] *= 50.0           # channel 3 of the second Linear's input is an outlier
+    xs = [(torch.randn(2, 8),) for _ in range(16)]
+    new, added = smooth(model, xs, alpha=0.5)
+    assert added == ["2.0"] and isinstance(new.get_submodule("2.0"), ChannelScale)
+    assert isinstance(new.get_submodule("0"), nn.Linear)           # its input has no outlier channel
+    with torch.no_grad():
+        for (x,) in xs:
+            torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-4)
+    before = input_absmax(model, ["2"], xs)["2"]
+    after = input_absmax(new, ["2.1"], xs)["2.1"]
+    assert float(after.max() / after.median()) < float(before.max() / before.median()) / 4
+    assert smooth(model, xs, alpha=0.5, ratio=1e9) == (model, [])

@@ -195,6 +195,11 @@ class Backend(ABC):
         """Whether ``opts`` quantizes Conv/Linear weights per output channel."""
         return True
 
+    def smoothing(self, opts: Options) -> Optional[float]:
+        """SmoothQuant alpha for edgekit's torch-level scale migration (``edgekit.quantize.rewrite.smooth``)
+        where this toolchain gains from it; None where it does its own or gains nothing."""
+        return None
+
     def quality_fixes(self, fp32: Artifact, opts: Options) -> list[Fix]:
         """Cheap fixes for ``opts`` that keep every layer in int8 (fusions, calibration choices)."""
         return []

@@ -13,6 +13,15 @@ calibration set:
 exact in float. The quantized activation is then x' (zero mean, unit std per feature) and the weights
 span a normal range. ``s`` is floored at ``FLOOR`` x its largest entry so that a constant feature does
 not blow x' up.
+
+**Smooth** (SmoothQuant's scale migration, for a Linear whose input has outlier channels: per-channel
+absmax max/median over ``OUTLIER_RATIO`` on the calibration set, e.g. a transformer's FFN inputs): one
+per-tensor int8 scale for that activation spends most of its levels on a few channels. With a_j the
+input absmax of channel j and w_j the absmax of weight column j, s_j = a_j^alpha / w_j^(1 - alpha)
+(normalised to geometric mean 1), and
+
+    x' = x / s                             (a tiny elementwise module, kept out of int8)
+    y  = (W diag(s)) x' + b                (per-output-channel int8 weights absorb s)
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import torch
 from torch import nn
 
 FLOOR = 1e-3
+OUTLIER_RATIO = 8.0
 
 
 class Standardize(nn.Module):
@@ -88,5 +98,67 @@ def standardize(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]
         parent, _, leaf = n.rpartition(".")
         setattr(new_model.get_submodule(parent) if parent else new_model, leaf,
                 nn.Sequential(Standardize(mean, 1.0 / std), new))
+        added.append(f"{n}.0")
+    return new_model.eval(), added
+
+
+class ChannelScale(nn.Module):
+    """x -> x * inv_scale over the last axis; added by ``smooth`` in front of a Linear."""
+
+    def __init__(self, inv_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("inv_scale", inv_scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.inv_scale
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    """Per-input-channel absmax (last axis) of each named module's input over the samples."""
+    acc: dict[str, torch.Tensor] = {}
+
+    def hook(n):
+        def record(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).double()
+            acc[n] = torch.maximum(acc[n], x) if n in acc else x
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for args in samples:
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, samples: Sequence[tuple], alpha: float, ratio: float = OUTLIER_RATIO,
+           exclude: Sequence[str] = ()) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with every ``nn.Linear`` whose input has outlier channels (absmax max/median >
+    ``ratio``) replaced by ``Sequential(ChannelScale, Linear')``. Returns (the copy, the names of the
+    ChannelScale modules, which a backend must keep in float); ``model`` itself if none qualifies."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in set(exclude)]
+    stats = input_absmax(model, linears, samples)
+    outliers = [n for n, a in stats.items() if float(a.max() / a.median().clamp(min=1e-12)) > ratio]
+    if not outliers:
+        return model, []
+    new_model = copy.deepcopy(model)
+    added = []
+    for n in outliers:
+        lin: nn.Linear = new_model.get_submodule(n)
+        a = stats[n].clamp(min=1e-5)
+        w = lin.weight.detach().double().abs().amax(0).clamp(min=1e-5)
+        s = a.pow(alpha) / w.pow(1 - alpha)
+        s = s / s.log().mean().exp()
+        new = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        new.weight.copy_((lin.weight.double() * s[None, :]).to(lin.weight.dtype))
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+        parent, _, leaf = n.rpartition(".")
+        setattr(new_model.get_submodule(parent) if parent else new_model, leaf,
+                nn.Sequential(ChannelScale(1.0 / s), new))
         added.append(f"{n}.0")
     return new_model.eval(), added
