@@ -24,7 +24,7 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                          ("nncf", "nncf", "NNCF post-training quantization")),
                 install_hint="pip install 'edgekit[openvino]'"),
     BackendInfo("litert", "edgekit.backends.litert:LiteRtBackend", ".tflite",
-                packages=("litert-torch", "ai-edge-litert", "torchao"),
+                packages=("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao"),
                 imports=(("litert_torch", "litert-torch", "PyTorch -> .tflite converter"),
                          ("ai_edge_litert", "ai-edge-litert", "LiteRT interpreter (successor of tflite-runtime)")),
                 install_hint="pip install 'edgekit[litert]'"),
