@@ -34,7 +34,7 @@ def test_int8_tflite_has_integer_io_that_the_runner_handles(built):
     assert img["dtype"] == "int8" and img["scale"] > 0
     assert out["dtype"] == "int8" and out["scale"] > 0
     assert int8.size_bytes < fp32.size_bytes / 2
-    assert int8.precision == "int8 (PT2E static, per-channel, int8 embeddings)"  # the profile stores tables int8
+    assert int8.precision == "int8 (PT2E static, per-channel)"
     outs = built.outputs(int8.path)
     assert outs.dtype == np.float32 and cosine(outs, built.reference) > 0.99  # dequantized, not raw int8 codes
 
