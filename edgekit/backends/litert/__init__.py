@@ -45,9 +45,10 @@ class QuantizeOptions(Options):
     input's quantization: in int8 an explicit PAD is a separate op XNNPACK cannot fuse."""
     conv_observer: Literal["default", "minmax"] = "default"
     """Activation observers of conv partitions: litert's default (histogram) or MinMax."""
-    smooth_alpha: Optional[float] = None
+    smooth_alpha: Optional[float] = 0.5
     """SmoothQuant scale migration (``edgekit.quantize.rewrite.smooth``) for Linears with outlier input
-    channels, at this alpha; None = off."""
+    channels, at this alpha, among the quality methods of the first build; None = off. mnist_bbc: topic
+    accuracy 0.939 -> 0.948 at 0.5 (0.75: 0.941)."""
     int8_embedding: bool = False
     """Store embedding tables int8 (AI Edge Quantizer, weight-only, per channel) after conversion: PT2E
     keeps them float. TFLite dequantizes them once at load: same latency, a smaller file."""
@@ -157,8 +158,6 @@ class LiteRtBackend(Backend):
                              "quantization", {"fold_pads": True}))
         if opts.conv_observer == "default" and calls & {"conv1d", "conv2d"}:
             fixes.append(Fix("MinMax activation observers for convolutions", {"conv_observer": "minmax"}))
-        if opts.smooth_alpha is None and "linear" in calls:
-            fixes.append(Fix("SmoothQuant for Linear layers with outlier input channels", {"smooth_alpha": 0.5}))
         return fixes
 
     def units_of_modules(self, fp32: Artifact, modules: list[str]) -> list[str]:
