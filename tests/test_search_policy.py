@@ -180,7 +180,7 @@ def _sets(tmp_path: Path):
 
 
 def _run(tmp_path: Path, max_drop: float, budget: float = 60.0, max_steps: int = 12, model=None,
-         rewrites: bool = False, distill_steps: int = 0):
+         rewrites: bool = False, distill_steps: int = 0, profile_opts=None):
     """The build worker's flow: quality methods, first quantization, then the search."""
     from edgekit.quantize.quality import prepare
 
@@ -195,7 +195,8 @@ def _run(tmp_path: Path, max_drop: float, budget: float = 60.0, max_steps: int =
     first = backend.quantize(start.source or fp32, calib, tmp_path, start.opts)
     ctx = SearchContext(target="t", backend=backend, runtime=Options(), calibration=calib, samples=evals,
                         reference=ref, labels=None, metric="cosine", max_drop=max_drop, time_budget_s=budget,
-                        max_steps=max_steps, timing_runs=3, model=model, export=export, distill_steps=distill_steps)
+                        max_steps=max_steps, timing_runs=3, model=model, export=export, distill_steps=distill_steps,
+                        profile_opts=profile_opts)
     art, outcome = search(ctx, fp32, first, start, tmp_path)
     return ctx, backend, art, outcome
 
@@ -325,3 +326,12 @@ def test_fallback_order_prefers_the_most_noise_removed_per_mac():
     assert order.index("eltwise") < order.index("big")
     # no costs known: the SQNR ranking's order
     assert [next(iter(u)) for u, _, _ in by_gain_per_cost(fresh, {})] == ["broken", "big", "small", "eltwise"]
+
+
+def test_the_profiles_own_quantization_is_tried_when_the_quality_methods_miss(tmp_path):
+    """Rung 0: edgekit is never worse off than the vendor flow its quality methods improve on."""
+    ctx, backend, art, outcome = _run(tmp_path, max_drop=1e-6, max_steps=2, profile_opts=Opts())
+    assert outcome.steps[0].step.startswith("profile's quantization + ")
+    assert outcome.steps[1].step == "profile's quantization (without the quality methods)"
+    assert ctx.history[1].candidate.opts == Opts() and outcome.steps[1].kept_float == []
+    assert outcome.steps[2].step.startswith("float fallback")

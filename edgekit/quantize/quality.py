@@ -41,7 +41,9 @@ class Start:
 
     @property
     def label(self) -> str:
-        return "profile's quantization" + (" + " + " + ".join(self.methods) if self.methods else "")
+        from edgekit.quantize.search import PLAIN
+
+        return PLAIN + (" + " + " + ".join(self.methods) if self.methods else "")
 
 
 def prepare(backend, fp32, opts, model, calibration, export: Optional[Callable[[Any, str], Any]],

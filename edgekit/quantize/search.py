@@ -9,6 +9,8 @@ there is scored on the whole evaluation set, which decides). If the drop exceeds
 ``max_metric_drop``, the search climbs a ladder, least fallback first, building, scoring and timing each
 step in-process:
 
+0. **The profile's quantization alone** (when the first build applied quality methods): edgekit is
+   never worse off than the vendor flow its methods improve on.
 1. **Quantization-aware distillation** (``edgekit.quantize.qad``, ``[quantize] distill_steps``): the
    best model so far fine-tuned against the fp32 outputs with int8 rounding in the loop, then quantized
    by the toolchain with the same options: full-int8 speed kept.
@@ -42,6 +44,7 @@ from edgekit.progress import say
 from edgekit.quantize.quality import Start
 from edgekit.report.schema import SearchOutcome, SearchStep
 
+PLAIN = "profile's quantization"
 SENSITIVITY_SAMPLES = 8
 """Calibration samples every sensitivity pass (weights and activations, every backend) runs on."""
 BROKEN_DB = 10.0
@@ -98,11 +101,13 @@ class SearchContext:
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
                  time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None,
                  subset: Optional[int] = None, export: Optional[Callable[[Any, str], Any]] = None,
-                 distill_steps: int = 0, distill_lr: float = 1e-5):
+                 distill_steps: int = 0, distill_lr: float = 1e-5, profile_opts=None):
         self.target, self.backend, self.runtime = target, backend, runtime
         self.export = export
         """``export(torch_model, name)`` -> fp32 artifact of a rewritten model (None: no rewrites)."""
         self.distill_steps, self.distill_lr = distill_steps, distill_lr
+        self.profile_opts = profile_opts
+        """The profile's own quantization options (the vendor flow), tried when the first build misses."""
         self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
@@ -186,6 +191,12 @@ def ladder(ctx: SearchContext, fp32) -> Iterator[Candidate]:
     """The candidates after the first build, least fallback first (module docstring). Reads
     ``ctx.history`` between steps."""
     backend = ctx.backend
+    # Rung 0: the profile's quantization without the quality methods, when they were applied: a method
+    # that hurts this model (or meets a converter bug: litert-torch mistranslated a float scale in front
+    # of a Linear fed by a concat on the tiny example, drop 0.46) must never leave edgekit worse off than
+    # the vendor's own flow.
+    if ctx.profile_opts is not None and ctx.history[0].candidate.label != PLAIN:
+        yield Candidate(f"{PLAIN} (without the quality methods)", ctx.profile_opts)
     best = ctx.best.candidate
     base, source = best.opts, best.source
     # Rung 1: quantization-aware distillation of the best model so far, quantized with the same options.

@@ -157,7 +157,8 @@ def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib,
                         metric=recipe.data.metric, max_drop=spec.max_drop, time_budget_s=spec.time_budget_s,
                         max_steps=spec.max_steps, model=model, subset=spec.eval_samples,
                         export=lambda m, name: export(m, out / "search" / name),
-                        distill_steps=spec.distill_steps, distill_lr=spec.distill_lr)
+                        distill_steps=spec.distill_steps, distill_lr=spec.distill_lr,
+                        profile_opts=backend.options(profile)[1])
     art, outcome = search(ctx, fp32, opt, start, out)
     return art, outcome, ctx.best.candidate.opts
 
