@@ -46,25 +46,18 @@ def _input_fq(lo: float, hi: float):
     return hook
 
 
-@torch.no_grad()
 def _input_ranges(model: nn.Module, names: Sequence[str], batches: Sequence[tuple]) -> dict[str, list[float]]:
+    """Min and max of each named module's (float) input over the batches."""
+    from edgekit.quantize.rewrite import observe_inputs
+
     rng: dict[str, list[float]] = {}
 
-    def hook(n):
-        def record(mod, args):
-            x = args[0]
-            if x.is_floating_point():
-                r = rng.setdefault(n, [float("inf"), float("-inf")])
-                r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
-        return record
+    def record(n: str, x: torch.Tensor) -> None:
+        if x.is_floating_point():
+            r = rng.setdefault(n, [float("inf"), float("-inf")])
+            r[0], r[1] = min(r[0], float(x.min())), max(r[1], float(x.max()))
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for b in batches:
-            model(*b)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(model, names, batches, record)
     return rng
 
 

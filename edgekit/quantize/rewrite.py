@@ -26,7 +26,7 @@ input absmax of channel j and w_j the absmax of weight column j, s_j = a_j^alpha
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,26 +48,30 @@ class Standardize(nn.Module):
 
 
 @torch.no_grad()
-def input_stats(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict[str, tuple]:
-    """Per-input-feature mean and std (last axis; every row/token counts) of each named module's input."""
-    acc = {n: [0, 0.0, 0.0] for n in names}
-
-    def hook(n):
-        def record(mod, args):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            a = acc[n]
-            a[0] += x.shape[0]
-            a[1] = a[1] + x.sum(0)
-            a[2] = a[2] + (x * x).sum(0)
-        return record
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+def observe_inputs(model: nn.Module, names: Sequence[str], samples: Sequence[tuple],
+                   record: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``samples`` (positional model inputs) through ``model``, calling ``record(name, x)`` with the
+    input of each named module on every call."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0].detach()))
+               for n in names]
     try:
         for args in samples:
             model(*args)
     finally:
         for h in handles:
             h.remove()
+
+
+def input_stats(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict[str, tuple]:
+    """Per-input-feature mean and std (last axis; every row/token counts) of each named module's input."""
+    acc = {n: [0, 0.0, 0.0] for n in names}
+
+    def record(n: str, x: torch.Tensor) -> None:
+        x = x.double().reshape(-1, x.shape[-1])
+        a = acc[n]
+        a[0], a[1], a[2] = a[0] + x.shape[0], a[1] + x.sum(0), a[2] + (x * x).sum(0)
+
+    observe_inputs(model, names, samples, record)
     out = {}
     for n, (k, s1, s2) in acc.items():
         mean = s1 / k
@@ -113,24 +117,15 @@ class ChannelScale(nn.Module):
         return x * self.inv_scale
 
 
-@torch.no_grad()
 def input_absmax(model: nn.Module, names: Sequence[str], samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
     """Per-input-channel absmax (last axis) of each named module's input over the samples."""
     acc: dict[str, torch.Tensor] = {}
 
-    def hook(n):
-        def record(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).double()
-            acc[n] = torch.maximum(acc[n], x) if n in acc else x
-        return record
+    def record(n: str, x: torch.Tensor) -> None:
+        m = x.reshape(-1, x.shape[-1]).abs().amax(0).double()
+        acc[n] = torch.maximum(acc[n], m) if n in acc else m
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for args in samples:
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    observe_inputs(model, names, samples, record)
     return acc
 
 
