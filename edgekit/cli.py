@@ -32,13 +32,14 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
 
   [gates]                                # checked by `edgekit ci` (exit 1), reported by `edgekit run`
   max_metric_drop = 0.01                 # fp32 torch metric - optimized metric
-  min_speedup = 1.5                      # fp32 p50 / optimized p50, same runtime and device
+  min_speedup = 1.5                      # fp32 / optimized p50 (median over interleaved rounds, same
+                                         # runtime and device); passes when its 95 % interval's low end does
   # max_latency_ms = 10.0
   # max_size_bytes = 20_000_000
   # [gates.targets.ort-cpu]              # per-target overrides
   # min_speedup = 2.0
   # with `edgekit ci --baseline PREV/report.json` (defaults shown):
-  # max_latency_regression = 0.10        # relative p50 growth floor, widened by measured noise
+  # max_latency_regression = 0.10        # relative p50 growth; called only when the intervals separate
   # max_metric_regression = 0.005        # absolute metric loss vs the baseline
   # max_size_growth = 0.05               # relative size growth vs the baseline
 
@@ -165,7 +166,8 @@ def _run(args) -> int:
     print()
     bad_gates = gates.failed(results)
     for g in bad_gates:
-        print(f"gate failed: {g.target} {g.gate} = {g.limit:g} ({g.what} = {g.value:g})")
+        print(f"gate failed: {g.target} {g.gate} = {g.limit:g} ({g.what} = {g.value:g}"
+              + (f"; {g.basis})" if g.basis else ")"))
     failed = [t for t in doc.targets if t.status == "failed" and not t.budget_missed]
     for t in failed:
         print(f"target failed: {t.name}: {t.reason.splitlines()[0]}")

@@ -146,7 +146,8 @@ def test_warm_rerun_retimes_every_artifact_and_reuses_only_its_verified_outputs(
         assert set(t["cache"]["measure"].values()) == {"timed (outputs cached)"}
         for kind in ("fp32", "optimized"):
             assert t[kind]["metric"] == c[kind]["metric"] and t[kind]["fidelity"] == c[kind]["fidelity"]
-            assert t[kind]["latency_ms"]["n"] == c[kind]["latency_ms"]["n"]  # timed again
+            # timed again (rounds are added until stable, so the count may differ; the figures do)
+            assert t[kind]["latency_ms"]["n"] >= 200 and t[kind]["latency_ms"]["rounds_p50"] != c[kind]["latency_ms"]["rounds_p50"]
 
 
 @pytest.mark.slow
@@ -159,6 +160,8 @@ def test_injected_30_percent_latency_regression_fails(cold, tmp_path):
         lat = t["optimized"]["latency_ms"]
         for k in ("p50", "p90", "p99", "mean", "min", "std", "mad", "q1", "q3"):
             lat[k] = lat[k] / 1.3
+        lat["ci"] = [x / 1.3 for x in lat["ci"]]
+        lat["rounds_p50"] = [x / 1.3 for x in lat["rounds_p50"]]
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev/report.json").write_text(json.dumps(prev))
     p = edgekit("ci", recipe, "--out", tmp_path / "out", "--reuse", "--baseline", tmp_path / "prev/report.json",

@@ -104,6 +104,8 @@ def test_ssh_board_is_timed_remotely_and_bad_boards_fail_alone(server, tmp_path)
         assert a["verified_on"].startswith("host-")
     assert ok["device_info"]["arch"] == platform.machine() and ok["device_info"]["cpu"]
     assert ok["speedup_p50"] > 0
+    assert ok["timing"]["method"] == f"interleaved rounds in one process on ssh:{server.alias}"
+    assert ok["speedup_ci"][0] <= ok["speedup_p50"] <= ok["speedup_ci"][1]
 
     assert no_runtime["status"] == "failed"
     assert "cannot import onnxruntime" in no_runtime["reason"] and f"ssh:{server.alias}" in no_runtime["reason"]

@@ -19,9 +19,25 @@ from edgekit.errors import InputError
 
 
 class BenchSettings(BaseModel):
+    """How a target's artifacts are timed (``edgekit.measure.timing``): interleaved rounds in one
+    process until every speed-up's 95 % interval is within ``interval`` of its median, or ``max_seconds``."""
+
     model_config = ConfigDict(extra="forbid")
     warmup: int = Field(default=10, ge=0)
+    """Warm-up calls at least; more until the first-call outliers are gone."""
     runs: int = Field(default=100, ge=1)
+    """Timed calls per artifact at least, spread over ``min_rounds`` rounds."""
+    min_rounds: int = Field(default=10, ge=2)
+    max_seconds: float = Field(default=20.0, gt=0)
+    """Cap on adding rounds (per target); a run that hits it with a wide interval is flagged noisy."""
+    interval: float = Field(default=0.05, gt=0, lt=1)
+    """Wanted half-width of each speed-up's 95 % interval, relative to its median."""
+    pin: bool = True
+    """Pin the timing process to the least busy core(s) when there are more cores than threads."""
+
+    @property
+    def per_round(self) -> int:
+        return max(1, -(-self.runs // self.min_rounds))
 
 
 class PruneSettings(BaseModel):

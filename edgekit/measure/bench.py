@@ -80,31 +80,29 @@ def measure(load: Callable[[], object], samples, *, warmup: int, runs: int,
 
 def interleaved(runners: dict, feed, *, warmup: int, rounds: int = 10, per_round: int = 20) -> dict:
     """Time loaded artifacts interleaved: ``rounds`` rounds, each running every artifact for ``per_round``
-    calls in a rotating order, so whatever else the machine does hits all of them alike. Returns, per
-    name, its latency stats over all calls and the p50 of each round (``rounds_p50``), so a ratio can be
-    taken round by round."""
-    names = list(runners)
-    for name in names:
+    calls in a rotating order, so whatever else the machine does hits all of them alike (the fixed-round
+    form of ``edgekit.measure.timing.rounds``). Returns, per name, its latency stats over all calls, the
+    p50 of each round (``rounds_p50``) and their interval (``ci``), so a ratio can be taken round by round."""
+    from edgekit.measure import timing
+
+    for runner in runners.values():
         for _ in range(warmup):
+            runner.run(feed)
+
+    def block(name: str, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
             runners[name].run(feed)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    per: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in (order if r % 2 == 0 else order[::-1]):
-            runner, block = runners[name], []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                runner.run(feed)
-                block.append(time.perf_counter() - t0)
-            times[name] += block
-            per[name].append(float(np.median(block)) * 1e3)
-    return {n: {**latency_stats(times[n]), "rounds_p50": [round(x, 4) for x in per[n]]} for n in names}
+            out.append(time.perf_counter() - t0)
+        return out
+
+    res = timing.rounds(block, list(runners), per_round=per_round, min_rounds=rounds, max_rounds=rounds)
+    return {n: timing.latency_of(res["times"][n], res["rounds_p50"][n]) for n in runners}
 
 
 def ab_compare(runner_a, runner_b, feed, *, warmup: int, rounds: int = 10, per_round: int = 20) -> dict:
     """Time two loaded artifacts interleaved (``interleaved``: alternating blocks, order flipped every
     round). Returns each side's latency stats and ``ratio_p50`` = p50(B) / p50(A)."""
     res = interleaved({"a": runner_a, "b": runner_b}, feed, warmup=warmup, rounds=rounds, per_round=per_round)
-    a, b = ({k: v for k, v in res[s].items() if k != "rounds_p50"} for s in ("a", "b"))
-    return {"a": a, "b": b, "ratio_p50": round(b["p50"] / a["p50"], 4)}
+    return {"a": res["a"], "b": res["b"], "ratio_p50": round(res["b"]["p50"] / res["a"]["p50"], 4)}

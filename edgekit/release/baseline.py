@@ -3,7 +3,9 @@
 Per target present in both reports, for the optimized artifact (the one that ships):
 
 - ``baseline_latency``: noise-aware, in two stages.
-  1. From the stored numbers: each report keeps, besides p50, the spread of its timed runs (MAD,
+  1. From the stored numbers. Reports timed in interleaved rounds keep a 95 % interval of each p50
+     (``Latency.ci``): a regression is suspected only when p50 grew by more than the floor AND the two
+     intervals separate (``judge_intervals``). Older reports keep the spread of their timed runs (MAD,
      quartiles, n). The relative standard error of a p50 is ``1.2533 * 1.4826 * MAD / sqrt(n) / p50``;
      the two sides combine as ``sqrt(a² + b²)``. A regression is *suspected* when
      ``p50_now / p50_before - 1 > max(max_latency_regression, K * combined)`` with ``K = 2``: never
@@ -11,7 +13,8 @@ Per target present in both reports, for the optimized artifact (the one that shi
   2. A suspected regression is measured again before it fails the gate (not with ``--reuse``): when
      the baseline's artifact is still next to its report.json, both artifacts are timed *interleaved*
      in one process (``edgekit.measure.bench.ab_compare``: 10 alternating blocks of 20 calls), so load from
-     other processes slows both alike and the ratio of their p50s is judged with the same rule;
+     other processes slows both alike; the per-round ratios' median and interval are judged: a
+     regression only when the interval's lower bound exceeds 1 + floor (``judge_ab``);
      otherwise the current artifact is timed ``REMEASURE`` more times and the fastest p50 is judged
      (interference only adds time). Latency measured at different times on a shared machine can
      differ by far more than 30 % (measured here: p50 1.7 to 6.7 ms for one artifact under load), which
@@ -97,6 +100,28 @@ def judge_latency(before: Latency, now: Latency, floor: float) -> tuple[float, f
     return change, thr, change <= thr
 
 
+def judge_intervals(before: Latency, now: Latency, floor: float) -> tuple[float, bool, str]:
+    """For reports timed in interleaved rounds (each p50 has a 95 % interval): (relative change of p50,
+    passed, basis). A regression is called only when the change exceeds ``floor`` AND the intervals
+    separate (now's lower bound above the baseline's upper bound)."""
+    change = now.p50 / before.p50 - 1
+    apart = now.ci[0] > before.ci[1]
+    basis = (f"intervals {'separate' if apart else 'overlap'}: baseline p50 95 % interval "
+             f"[{before.ci[0]:g}, {before.ci[1]:g}] ms, now [{now.ci[0]:g}, {now.ci[1]:g}] ms")
+    return change, not (change > floor and apart), basis
+
+
+def judge_ab(a: Latency, b: Latency, floor: float) -> tuple[float, bool, str]:
+    """Baseline (a) and current (b) timed in the same interleaved rounds: the slow-down is the median of
+    the per-round ratios b/a; a regression only when its interval's lower bound exceeds ``1 + floor``."""
+    from edgekit.measure.timing import ratio_summary
+
+    r = ratio_summary(b.rounds_p50, a.rounds_p50)
+    lo, hi = r["ci"]
+    return r["median"] - 1, not (lo - 1 > floor), (f"interleaved: slow-down {r['median']:.3f}x, 95 % interval "
+                                                   f"[{lo:.3f}, {hi:.3f}] over {r['rounds']} rounds")
+
+
 def compare(doc: Report, base: Report, gates,
             confirm: Optional[Callable[[TargetRow, TargetRow], Optional[dict]]] = None) -> list[GateResult]:
     """One result per target x baseline gate, in the shape of ``edgekit.release.gates.evaluate``'s results.
@@ -132,14 +157,21 @@ def compare(doc: Report, base: Report, gates,
         if not b_lat or not n_lat:
             add("baseline_latency", None, None, "latency not measured in one of the reports")
         else:
-            change, thr, ok = judge_latency(b_lat, n_lat, floor)
-            extra = {"baseline_p50": b_lat.p50, "p50": n_lat.p50, "floor": floor, "k": K,
-                     "noise": {"baseline": round(rel_noise(b_lat), 4), "now": round(rel_noise(n_lat), 4)},
-                     "confirmed_by": None}
+            extra = {"baseline_p50": b_lat.p50, "p50": n_lat.p50, "floor": floor, "confirmed_by": None}
+            if b_lat.ci and n_lat.ci:  # both timed in rounds: judged on the intervals
+                change, ok, extra["basis"] = judge_intervals(b_lat, n_lat, floor)
+                thr = floor
+            else:  # a report from before intervals: the stored spread widens the floor
+                change, thr, ok = judge_latency(b_lat, n_lat, floor)
+                extra.update(k=K, noise={"baseline": round(rel_noise(b_lat), 4), "now": round(rel_noise(n_lat), 4)})
             if not ok and confirm is not None:
                 c = confirm(row, prev)
                 if c and c.get("method") == "ab":  # same machine, same moment, interleaved
-                    change, thr, ok = judge_latency(c["a"], c["b"], floor)
+                    if c["a"].rounds_p50 and c["b"].rounds_p50:
+                        change, ok, extra["basis"] = judge_ab(c["a"], c["b"], floor)
+                        thr = floor
+                    else:
+                        change, thr, ok = judge_latency(c["a"], c["b"], floor)
                     extra["confirmed_by"] = {"method": "ab", "baseline_p50": c["a"].p50, "p50": c["b"].p50}
                 elif c and c.get("method") == "repeat":
                     best = min(c["latencies"], key=lambda lat: lat.p50)

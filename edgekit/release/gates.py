@@ -1,4 +1,8 @@
-"""Release gates: the recipe's ``[gates]`` checked against each target's row of the report."""
+"""Release gates: the recipe's ``[gates]`` checked against each target's row of the report.
+
+A speed gate is judged on the interval, not the point: ``min_speedup`` passes only when the lower bound
+of the speed-up's 95 % interval (``TargetRow.speedup_ci``, from interleaved rounds) reaches the limit, so
+a noisy machine cannot pass a release that a quiet one would fail."""
 from __future__ import annotations
 
 from edgekit.config.recipe import Gates
@@ -27,6 +31,12 @@ def evaluate(gates: Gates, targets: list[TargetRow]) -> list[GateResult]:
             if value is None:
                 note = row.reason if row.status != "ok" else "not measured"
                 results.append(GateResult(target=row.name, gate=gate, limit=limit, what=what, note=note))
+            elif gate == "min_speedup" and row.speedup_ci:
+                lo, hi = row.speedup_ci
+                results.append(GateResult(target=row.name, gate=gate, limit=limit, value=value, interval=[lo, hi],
+                                          passed=bool(ok(lo, limit)), what=what,
+                                          basis=f"judged on the lower bound of its 95 % interval "
+                                                f"[{lo:g}, {hi:g}]"))
             else:
                 results.append(GateResult(target=row.name, gate=gate, limit=limit, value=value,
                                           passed=bool(ok(value, limit)), what=what))

@@ -19,7 +19,8 @@ def _fmt(x) -> str:
 
 
 def message(g: GateResult) -> str:
-    return f"{g.target}: gate {g.gate} failed: {g.what} = {_fmt(g.value)}, limit {_fmt(g.limit)}"
+    basis = f" ({g.basis})" if g.basis else ""
+    return f"{g.target}: gate {g.gate} failed: {g.what} = {_fmt(g.value)}, limit {_fmt(g.limit)}{basis}"
 
 
 def xml(doc: Report, results: list[GateResult]) -> str:
@@ -41,7 +42,8 @@ def xml(doc: Report, results: list[GateResult]) -> str:
             skipped += 1
             ET.SubElement(tc, "skipped", message=f"{g.target}: {g.gate} not judged: {g.note or ''}")
         else:
-            ET.SubElement(tc, "system-out").text = f"{g.what} = {_fmt(g.value)}, limit {_fmt(g.limit)}"
+            ET.SubElement(tc, "system-out").text = (f"{g.what} = {_fmt(g.value)}, limit {_fmt(g.limit)}"
+                                                    + (f" ({g.basis})" if g.basis else ""))
     suite.set("tests", str(n))
     suite.set("failures", str(fails))
     suite.set("errors", str(errors))

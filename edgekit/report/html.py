@@ -13,6 +13,7 @@ import html
 import io
 from pathlib import Path
 
+from edgekit.report.markdown import speed_text
 from edgekit.report.schema import GateResult, Report
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -111,13 +112,25 @@ def table(doc: Report) -> str:
         mb = lambda a: "—" if not a or not a.size_bytes else f"{a.size_bytes / 1e6:.2f} MB"  # noqa: E731
         met = lambda a: "—" if not a or a.metric is None else f"{a.metric:.4f}"  # noqa: E731
         cells = [_e(r.name), st, _e(r.device), _ms(fp), _ms(op),
-                 "—" if not r.speedup_p50 else f"{r.speedup_p50:.2f}×", mb(fp), mb(op), met(fp), met(op),
+                 _speed(r), mb(fp), mb(op), met(fp), met(op),
                  "—" if r.metric_drop is None else f"{r.metric_drop:+.4f}", _e(op.precision if op else None)]
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         if r.reason:
             out.append(f'<tr><td colspan="{len(head)}"><pre>{_e(r.reason)}</pre></td></tr>')
+        if r.timing and r.timing.noisy:
+            out.append(f'<tr><td colspan="{len(head)}" class="na">noisy timing: {_e("; ".join(r.timing.noise))}'
+                       f' (speed-up is the median over {r.timing.rounds} interleaved rounds; gates use the '
+                       f'lower bound of its 95 % interval)</td></tr>')
     out.append("</table>")
     return "\n".join(out)
+
+
+def _speed(r) -> str:
+    """The speed-up with its 95 % interval; a noisy one marked."""
+    text = speed_text(r)
+    if not text:
+        return "—"
+    return _e(text).replace(" noisy", ' <span class="na">noisy</span>')
 
 
 def gates_table(results: list, title: str) -> str:
@@ -150,7 +163,9 @@ def render(doc: Report) -> str:
         f"{ev.n} held-out samples (fp32 PyTorch: {ev.fp32_torch:.4f}) · edgekit {_e(doc.edgekit_version)}"
         f" · {_e(doc.created)}</p>",
         f"<p>Latency: batch 1, timed runs after warm-up, on {_e(mach.cpu)} ({mach.cores} cores, "
-        f"{_e(mach.os)}). 'drop' = fp32 PyTorch metric − optimized artifact metric.</p>",
+        f"{_e(mach.os)}); a target's artifacts are timed in interleaved rounds, speedup = median over "
+        f"rounds of fp32 p50 / optimized p50 [95 % interval]. 'drop' = fp32 PyTorch metric − optimized "
+        f"artifact metric.</p>",
         table(doc),
         gates_table(doc.gates, "Gates"),
         gates_table((doc.baseline or {}).get("results") or [], "Regressions vs baseline"),

@@ -18,9 +18,45 @@ def _metric(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def speed_text(row: TargetRow, times: str = "×") -> str:
+    """``2.17× [2.13–2.20]``: the speed-up and its 95 % interval, ``noisy`` when flagged; "" if none."""
+    if not row.speedup_p50:
+        return ""
+    ci = f" [{row.speedup_ci[0]:.2f}–{row.speedup_ci[1]:.2f}]" if row.speedup_ci else ""
+    return f"{row.speedup_p50:.2f}{times}{ci}" + (" noisy" if row.timing and row.timing.noisy else "")
+
+
+def timing_md(row: TargetRow) -> list[str]:
+    """How the target was timed, the conditions, and why it is flagged noisy."""
+    t = row.timing
+    if not t:
+        return []
+    c = t.conditions
+    where = (f"pinned to core(s) {c['affinity']}" if c.get("pinned") else
+             f"cores {c['affinity']}" if c.get("affinity") else "")
+    cond = [f"{c.get('threads')} thread(s)", where]
+    if c.get("load_before"):
+        cond.append(f"load average {c['load_before'][0]:.2f} → {c['load_after'][0]:.2f}")
+    if c.get("others_cpu") is not None:
+        cond.append(f"other processes {c['others_cpu']:.2f} cores, steal {c.get('steal', 0):.1%}")
+    if c.get("freq_mhz_before"):
+        cond.append(f"CPU {c['freq_mhz_before'][0]}–{c['freq_mhz_before'][1]} MHz ({c.get('governor') or '?'})")
+    ratios = "; ".join(f"{k} {v['median']:.2f}× [{v['ci'][0]:.2f}–{v['ci'][1]:.2f}]" for k, v in t.speedups.items())
+    line = (f"- **timing**: {t.method}, {t.rounds} rounds × {c.get('per_round', '?')} calls per artifact "
+            f"({', '.join(x for x in cond if x)}); stopped: {t.stopped}. Speed-up over fp32, median of the "
+            f"per-round ratios [95 % interval]: {ratios or '—'}")
+    out = [line]
+    if t.noisy:
+        out.append(f"- ⚠️ **noisy timing**: {'; '.join(t.noise)}. The figures above are medians over "
+                   f"interleaved rounds; gates use the interval's lower bound.")
+    return out
+
+
 def summary_line(row: TargetRow) -> str:
     fp, op = row.fp32, row.optimized
-    speed = f"{row.speedup_p50:.2f}x faster" if row.speedup_p50 else (op.latency_reason or "")
+    noisy = " (noisy timing)" if row.timing and row.timing.noisy else ""
+    speed = (f"{speed_text(row, 'x').removesuffix(' noisy')} faster{noisy}" if row.speedup_p50
+             else (op.latency_reason or ""))
     return (f"p50 {_ms(fp)} -> {_ms(op)} ms ({speed}), size {_mb(fp.size_bytes)} -> {_mb(op.size_bytes)}, "
             f"metric {_metric(fp.metric)} -> {_metric(op.metric)} (drop {row.metric_drop:+.4f})")
 
@@ -40,7 +76,9 @@ def prune_markdown(row: TargetRow, metric: str) -> list[str]:
         lat = pr.latency_p50_ms
         lines.append(f"- pruning's latency effect here (same quantization options): int8 unpruned p50 "
                      f"{lat['int8_unpruned']:.3f} ms → pruned int8 {lat['pruned_int8']:.3f} ms "
-                     f"(**{pr.speedup_vs_int8_unpruned:.2f}×**)")
+                     f"(**{pr.speedup_vs_int8_unpruned:.2f}×**"
+                     + (f" [{pr.speedup_vs_int8_unpruned_ci[0]:.2f}–{pr.speedup_vs_int8_unpruned_ci[1]:.2f}]"
+                        if pr.speedup_vs_int8_unpruned_ci else "") + ")")
     if heads:
         lines.append("- heads kept: " + ", ".join(f"`{w['layer']}` {w['before']}→{w['after']}" for w in heads))
     if chans:
@@ -58,7 +96,10 @@ def table(doc: Report) -> str:
     for r in doc.targets:
         fp, op = r.fp32, r.optimized
         status = "✅ ok" if r.status == "ok" else f"❌ {r.status}"
-        speed = f"**{r.speedup_p50:.2f}×**" if r.speedup_p50 else "—"
+        speed = "—"
+        if r.speedup_p50:
+            noisy = bool(r.timing and r.timing.noisy)
+            speed = f"**{speed_text(r).removesuffix(' noisy')}**" + (" ⚠️ noisy" if noisy else "")
         drop = "—" if r.metric_drop is None else f"{r.metric_drop:+.4f}"
         measured = any(a is not None and a.latency_ms for a in (fp, op))
         lines.append(
@@ -71,6 +112,8 @@ def table(doc: Report) -> str:
 def _gate_line(g, baseline: bool) -> str:
     mark = {True: "✅", False: "❌", None: "⚠️"}[g.passed]
     val = "not judged: " + (g.note or "") if g.value is None else f"{g.value:g}"
+    if g.basis:
+        val += f" ({g.basis})"
     if baseline:
         return f"- {mark} `{g.target}` {g.gate}: {g.what} = {val} (limit {g.limit:g})"
     return f"- {mark} `{g.target}` {g.gate} = {g.limit:g}: {g.what} = {val}"
@@ -88,7 +131,9 @@ def markdown(doc: Report) -> str:
         table(doc),
         "",
         f"Latency: batch 1, p50 of timed runs after warm-up, on {mach.cpu} ({mach.cores} cores, "
-        f"{mach.os}); threads per target below. 'drop' = fp32 PyTorch metric − optimized artifact metric.",
+        f"{mach.os}); threads per target below. A target's artifacts are timed in interleaved rounds; "
+        f"speedup = median over rounds of fp32 p50 / optimized p50, [95 % interval]. "
+        f"'drop' = fp32 PyTorch metric − optimized artifact metric.",
         "",
     ]
     if doc.gates:
@@ -118,6 +163,7 @@ def markdown(doc: Report) -> str:
             d = r.device_info
             out.append(f"- device {r.device}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
                        f"python {d['python']}")
+        out += timing_md(r)
         out += search_md(r.quantize_search)
         if r.prune:
             out += prune_markdown(r, ev.metric)

@@ -33,7 +33,11 @@ class _Model(BaseModel):
 
 
 class Latency(_Model):
-    """Statistics of the timed runs of one artifact, in milliseconds (``edgekit.measure.bench.latency_stats``)."""
+    """Statistics of the timed runs of one artifact, in milliseconds (``edgekit.measure.bench.latency_stats``).
+    Timed in interleaved rounds (``edgekit.measure.timing``): also each round's p50 and the 95 %
+    interval of the p50 over rounds."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("ci", "rounds_p50")
 
     p50: float
     p90: float
@@ -45,6 +49,8 @@ class Latency(_Model):
     mad: Optional[float] = None
     q1: Optional[float] = None
     q3: Optional[float] = None
+    ci: Optional[list[float]] = None
+    rounds_p50: Optional[list[float]] = None
 
 
 class Fidelity(_Model):
@@ -114,7 +120,8 @@ class PruneFacts(_Model):
     """What structured pruning did for one target (``edgekit.prune``); more keys as the pruner reports them."""
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("metric_after_prune", "metric_after_recovery", "metric_after_quantize",
-                                               "int8_unpruned_metric", "latency_p50_ms", "speedup_vs_int8_unpruned")
+                                               "int8_unpruned_metric", "latency_p50_ms", "speedup_vs_int8_unpruned",
+                                               "speedup_vs_int8_unpruned_ci")
 
     ratio: float
     ratios: dict[str, float] = {}
@@ -133,12 +140,31 @@ class PruneFacts(_Model):
     int8_unpruned_metric: Optional[float] = None
     latency_p50_ms: Optional[dict[str, float]] = None
     speedup_vs_int8_unpruned: Optional[float] = None
+    speedup_vs_int8_unpruned_ci: Optional[list[float]] = None
+
+
+class Timing(_Model):
+    """How a target's artifacts were timed, and whether the figures can be trusted (``edgekit.measure.timing``)."""
+
+    method: str
+    rounds: int
+    stopped: str
+    stable: bool
+    seconds: float
+    noisy: bool
+    noise: list[str] = []
+    """Why it is flagged noisy: a wide interval at the time cap, other processes' CPU, steal, frequency."""
+    speedups: dict[str, dict[str, Any]] = {}
+    """Per artifact besides fp32: median of the per-round speed-ups over fp32, its 95 % interval."""
+    conditions: dict[str, Any] = {}
+    """threads, affinity, load average before/after, other processes' CPU (cores), steal, frequency, governor."""
 
 
 class TargetRow(_Model):
     """One target of the report. ``status`` ok | failed | skipped; a failed row keeps what was measured."""
 
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("cache", "timings", "quantize_search", "prune", "extras", "device_info", "budget_missed")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("cache", "timings", "quantize_search", "prune", "extras", "device_info",
+                                               "budget_missed", "speedup_ci", "timing")
 
     name: str
     backend: str
@@ -151,6 +177,11 @@ class TargetRow(_Model):
     fp32: Optional[ArtifactResult] = None
     optimized: Optional[ArtifactResult] = None
     speedup_p50: Optional[float] = None
+    """Median over interleaved rounds of fp32 p50 / optimized p50 (the ratio of the two p50s for reports
+    timed without rounds)."""
+    speedup_ci: Optional[list[float]] = None
+    """95 % interval of ``speedup_p50``; speed gates and baseline comparisons use it."""
+    timing: Optional[Timing] = None
     size_ratio: Optional[float] = None
     metric_drop: Optional[float] = None
     cache: Optional[dict[str, Any]] = None
@@ -185,7 +216,7 @@ class TargetRow(_Model):
 class GateResult(_Model):
     """One target x gate verdict; ``passed`` None = not judged (``note`` says why)."""
 
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("note",)
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("note", "interval", "basis")
 
     target: str
     gate: str
@@ -194,6 +225,10 @@ class GateResult(_Model):
     passed: Optional[bool] = None
     what: str
     note: Optional[str] = None
+    interval: Optional[list[float]] = None
+    """95 % interval of ``value`` when it was measured in interleaved rounds."""
+    basis: Optional[str] = None
+    """What the verdict was judged on when not ``value`` itself (an interval's bound)."""
 
 
 class Machine(_Model):

@@ -190,12 +190,13 @@ class Cache:
             self.put("builds", key, fill)
         return result, False
 
-    def measure(self, key: str, outputs: Path, run: Callable[[], dict]) -> tuple[dict, bool]:
-        """A measure worker's result (and its outputs .npy). Reused only with ``--reuse``; otherwise
-        measured again (the point of a release run) and the stored one refreshed."""
+    def measure(self, key: str, outputs: Optional[Path], run: Callable[[], dict]) -> tuple[dict, bool]:
+        """A measure or timing worker's result (and a measure's outputs .npy). Reused only with
+        ``--reuse``; otherwise measured again (the point of a release run) and the stored one refreshed."""
         entry = self.get("measure", key) if self.reuse_measurements else None
         if entry is not None:
-            shutil.copyfile(entry / "outputs.npy", outputs)
+            if outputs is not None:
+                shutil.copyfile(entry / "outputs.npy", outputs)
             return json.loads((entry / "entry.json").read_text())["result"], True
         result = run()
         if self.enabled:
@@ -204,7 +205,8 @@ class Cache:
                 shutil.rmtree(old, ignore_errors=True)
 
             def fill(tmp: Path) -> dict:
-                shutil.copyfile(outputs, tmp / "outputs.npy")
+                if outputs is not None:
+                    shutil.copyfile(outputs, tmp / "outputs.npy")
                 return {"key": key, "created": time.time(), "result": result}
             self.put("measure", key, fill)
         return result, False

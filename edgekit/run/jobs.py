@@ -121,6 +121,35 @@ class MeasureResult(BaseModel):
     peak_rss_mb: Optional[float] = None
 
 
+class TimeJob(_Job):
+    """Time every artifact of a target interleaved in one process (``edgekit.measure.timing``)."""
+
+    LOCATIONS = frozenset({"artifacts"})  # the artifacts' bytes are in the build's key
+    backend: str
+    runtime: dict[str, Any]
+    artifacts: dict[str, str]
+    """kind (fp32, optimized, extras) -> main file; fp32 first when present (the speed-ups' base)."""
+    eval: str
+    inputs: list[str]
+    warmup: int
+    per_round: int
+    min_rounds: int
+    max_seconds: float
+    interval: float
+    pin: bool = True
+
+
+class TimeResult(BaseModel):
+    latency: dict[str, Latency]
+    """Per artifact: stats over all timed calls, its per-round p50s and their interval."""
+    rounds: int
+    stopped: str
+    stable: bool
+    seconds: float
+    warmup_calls: dict[str, int] = {}
+    conditions: dict[str, Any] = {}
+
+
 class ABJob(_Job):
     """Time a baseline's and the current artifact interleaved (release CI's re-measurement)."""
 

@@ -27,9 +27,10 @@ from edgekit.progress import bar, say, step
 from edgekit.release import gates
 from edgekit.report import manifest, write as write_report
 from edgekit.report.markdown import summary_line
-from edgekit.report.schema import (ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow)
+from edgekit.report.schema import ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow, Timing
 from edgekit.run.cache import Cache, Keys
-from edgekit.run.jobs import BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec
+from edgekit.run.jobs import (BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec,
+                              TimeJob, TimeResult)
 from edgekit.run.worker import run_in_worker
 
 
@@ -140,7 +141,7 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
 
 
 def run_target(prof: Profile, shared: _Run) -> TargetRow:
-    """Build, verify + benchmark every artifact, judge. A TargetError makes the row ``failed``."""
+    """Build, verify every artifact, time them interleaved, judge. A TargetError makes the row ``failed``."""
     backend = get_backend(prof.backend)
     _, _, runtime = backend.options(prof)
     row = TargetRow(name=prof.name, backend=prof.backend, description=prof.description,
@@ -153,6 +154,7 @@ def run_target(prof: Profile, shared: _Run) -> TargetRow:
         built, build_key = _build(prof, shared, row, work, log)
         for kind, art in built.artifacts():
             row.add_artifact(kind, _measure(kind, art, prof, backend, runtime, shared, row, build_key, work, log))
+        _time(prof, backend, runtime, built, shared, row, build_key, work, log)
         if built.optimized_error:
             raise TargetError(built.optimized_error)
         _judge(row, shared.fp32_metric)
@@ -189,17 +191,17 @@ def _build(prof: Profile, shared: _Run, row: TargetRow, work: Path, log: Path) -
 
 def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, shared: _Run, row: TargetRow,
              build_key: str, work: Path, log: Path) -> ArtifactResult:
-    """Verify one artifact on every evaluation sample and time it, in a fresh worker process (and on the
-    board for an ``ssh:`` device)."""
+    """Verify one artifact on every evaluation sample, with its load time and memory, in a fresh worker
+    process (load time and memory on the board for an ``ssh:`` device). Timing is ``_time``'s."""
     recipe = shared.recipe
     remote = prof.device.startswith("ssh:")  # verified here, timed there
     unmeasurable = devices.unmeasurable_reason(prof.device, prof.arch) or (
         None if remote else backend.unmeasurable_reason(runtime))
-    say(f"[{prof.name}] verify + benchmark {kind} ({art.precision})")
+    say(f"[{prof.name}] verify {kind} ({art.precision})")
     job = MeasureJob(backend=prof.backend, artifact=art.path, runtime=runtime.model_dump(),
                      eval=str(recipe.resolve(recipe.data.evaluation)), inputs=[i.name for i in recipe.model.inputs],
                      limit=len(shared.reference), warmup=prof.bench.warmup, runs=prof.bench.runs,
-                     bench=unmeasurable is None and not remote, outputs=str(work / f"{kind}_outputs.npy"))
+                     bench=False, outputs=str(work / f"{kind}_outputs.npy"))
     key = shared.keys.measure(build_key, kind, job.identity(), machine()) if shared.keys else ""
     okey = shared.keys.outputs(art.files, job.identity_of_outputs(), machine(), row.versions) if shared.keys else ""
 
@@ -218,10 +220,10 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
     outputs = np.load(job.outputs)
     verified_on = _on(host_device(), measured.runtime_device)
     if remote and unmeasurable is None:
-        say(f"[{prof.name}] benchmark {kind} on {prof.device}")
-        timed = _time_remotely(prof, backend, runtime, art.files, recipe)
+        say(f"[{prof.name}] load {kind} on {prof.device}")
+        timed = _remote(prof, backend, runtime, recipe, "benchmark", art.files, runs=1)
         row.device_info = timed.pop("machine")
-        measured = MeasureResult.model_validate(timed)
+        measured = MeasureResult.model_validate({**timed, "latency_ms": None})
     return ArtifactResult(
         artifact=_rel(art.path, shared.staging), files=[_rel(f, shared.staging) for f in art.files],
         size_bytes=sum(Path(f).stat().st_size for f in art.files), precision=art.precision, details=art.details,
@@ -231,12 +233,61 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
         measured_on=None if unmeasurable else _on(row.device, measured.runtime_device))
 
 
+def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row: TargetRow, build_key: str,
+          work: Path, log: Path) -> None:
+    """Time every measurable artifact of the target interleaved (``edgekit.measure.timing``): in one
+    fresh worker process here, or in one process on the board for an ``ssh:`` device. Fills each
+    artifact's ``latency_ms`` and the row's ``timing`` (rounds, speed-ups with their intervals, noise)."""
+    from edgekit.measure.timing import from_blocks, noise_reasons, ratio_summary
+
+    arts = dict(row.artifacts())
+    kinds = [k for k, _ in built.artifacts() if k in arts and arts[k].latency_reason is None]
+    if not kinds:
+        return
+    b, files = prof.bench, dict(built.artifacts())
+    base = "fp32" if "fp32" in kinds else None
+    if prof.device.startswith("ssh:"):
+        say(f"[{prof.name}] benchmark {', '.join(kinds)} on {prof.device}, interleaved ({b.min_rounds} rounds)")
+        timed = _remote(prof, backend, runtime, shared.recipe, "benchmark_interleaved",
+                        {k: files[k].files for k in kinds}, rounds=b.min_rounds, per_round=b.per_round)
+        res = {**from_blocks(timed["blocks"], base, b.interval), "conditions": {"threads": runtime.threads}}
+        method = f"interleaved rounds in one process on {prof.device}"
+    else:
+        say(f"[{prof.name}] benchmark {', '.join(kinds)}: interleaved rounds until each speed-up's 95 % "
+            f"interval is within ±{b.interval:.0%} (at most {b.max_seconds:g} s)")
+        recipe = shared.recipe
+        job = TimeJob(backend=prof.backend, runtime=runtime.model_dump(), artifacts={k: files[k].path for k in kinds},
+                      eval=str(recipe.resolve(recipe.data.evaluation)), inputs=[i.name for i in recipe.model.inputs],
+                      warmup=b.warmup, per_round=b.per_round, min_rounds=b.min_rounds, max_seconds=b.max_seconds,
+                      interval=b.interval, pin=b.pin)
+        key = shared.keys.measure(build_key, "timing", job.identity(), machine()) if shared.keys else ""
+        res, hit = shared.cache.measure(key, None, lambda: run_in_worker("time", job, work / "time", log)
+                                        .model_dump(mode="json"))
+        if hit:
+            row.cache["measure"]["timing"] = "reused"
+        method = "interleaved rounds in one process"
+    timed = TimeResult.model_validate(res)
+    for kind, lat in timed.latency.items():
+        arts[kind].latency_ms = lat
+    speedups = {k: ratio_summary(timed.latency[base].rounds_p50, timed.latency[k].rounds_p50)
+                for k in kinds if base and k != base}
+    noise = noise_reasons(timed.conditions, timed.stable, timed.stopped)
+    row.timing = Timing(method=method, rounds=timed.rounds, stopped=timed.stopped, stable=timed.stable,
+                        seconds=timed.seconds, noisy=bool(noise), noise=noise, speedups=speedups,
+                        conditions=timed.conditions)
+    if noise:
+        say(f"[{prof.name}] WARNING: noisy timing ({'; '.join(noise)}): speed-ups carry wider intervals")
+
+
 def _judge(row: TargetRow, fp32_metric: float) -> None:
     """The row's comparisons (drop, size ratio, speed-up, pruning's effect) and the search's verdict."""
     fp, op = row.fp32, row.optimized
     row.metric_drop = round(fp32_metric - op.metric, 6)
     row.size_ratio = round(op.size_bytes / fp.size_bytes, 4)
-    if fp.p50 and op.p50:
+    s = row.timing.speedups.get("optimized") if row.timing else None
+    if s:  # median of the per-round ratios, with its interval
+        row.speedup_p50, row.speedup_ci = round(s["median"], 3), s["ci"]
+    elif fp.p50 and op.p50:
         row.speedup_p50 = round(fp.p50 / op.p50, 3)
     if row.prune is not None:
         _prune_effect(row)
@@ -261,20 +312,26 @@ def _prune_effect(row: TargetRow) -> None:
         if base.p50 and op.p50:
             pr.latency_p50_ms = {"int8_unpruned": base.p50, "pruned_int8": op.p50}
             pr.speedup_vs_int8_unpruned = round(base.p50 / op.p50, 3)
+            if base.latency_ms.rounds_p50 and op.latency_ms.rounds_p50:  # timed in the same rounds
+                from edgekit.measure.timing import ratio_summary
+
+                s = ratio_summary(base.latency_ms.rounds_p50, op.latency_ms.rounds_p50)
+                pr.speedup_vs_int8_unpruned, pr.speedup_vs_int8_unpruned_ci = round(s["median"], 3), s["ci"]
 
 
 def _on(device: str, runtime_device: Optional[str]) -> str:
     return f"{device} ({runtime_device})" if runtime_device else device
 
 
-def _time_remotely(prof: Profile, backend, runtime, files: list[str], recipe: Recipe) -> dict:
+def _remote(prof: Profile, backend, runtime, recipe: Recipe, how: str, files, **kw) -> dict:
+    """``edgekit.measure.remote.<how>`` on the profile's board, with the first evaluation sample."""
     from edgekit.measure import remote
 
     with np.load(recipe.resolve(recipe.data.evaluation), allow_pickle=False) as z:
         feed = {i.name: z[i.name][:1] for i in recipe.model.inputs}
-    return remote.benchmark(prof.device, files, feed, runner=backend.remote_runner(),
-                            settings=backend.remote_settings(runtime),
-                            warmup=prof.bench.warmup, runs=prof.bench.runs, python=prof.remote_python)
+    return getattr(remote, how)(prof.device, files, feed, runner=backend.remote_runner(),
+                                settings=backend.remote_settings(runtime), warmup=prof.bench.warmup,
+                                python=prof.remote_python, **kw)
 
 
 def _search_spec(prof: Profile, recipe: Recipe, ref_path: Path) -> Optional[SearchSpec]:

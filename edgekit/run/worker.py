@@ -3,6 +3,7 @@ native crash in one toolchain fails one target instead of the run.
 
 ``python -m edgekit.run.worker build JOB.json``   prune, export fp32, quantize (+ search) one target
 ``python -m edgekit.run.worker measure JOB.json`` load one artifact, run the evaluation set, benchmark it
+``python -m edgekit.run.worker time JOB.json``    time every artifact of a target interleaved
 ``python -m edgekit.run.worker ab JOB.json``      time a baseline and a current artifact interleaved
 
 The job file is ``{"job": <edgekit.run.jobs model>, "result": PATH}``; the worker writes
@@ -25,9 +26,10 @@ import numpy as np
 from edgekit.errors import InputError, TargetError
 from edgekit.progress import say, step
 from edgekit.run.jobs import (ABJob, ABResult, BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult,
-                              PruneEval, SearchSpec)
+                              PruneEval, SearchSpec, TimeJob, TimeResult)
 
-KINDS = {"build": (BuildJob, BuildResult), "measure": (MeasureJob, MeasureResult), "ab": (ABJob, ABResult)}
+KINDS = {"build": (BuildJob, BuildResult), "measure": (MeasureJob, MeasureResult), "time": (TimeJob, TimeResult),
+         "ab": (ABJob, ABResult)}
 
 
 # -- the parent's side ----------------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: 
     return pruned
 
 
-# -- measure, ab ---------------------------------------------------------------------------------------
+# -- measure, time, ab ---------------------------------------------------------------------------------
 
 def measure(job: MeasureJob) -> MeasureResult:
     from edgekit.backends import get_backend
@@ -237,6 +239,24 @@ def measure(job: MeasureJob) -> MeasureResult:
     if job.verify:
         np.save(job.outputs, outputs)
     return MeasureResult.model_validate(stats)
+
+
+def time_target(job: TimeJob) -> TimeResult:
+    """Load every artifact of a target here, pin, warm up, then time them interleaved until stable."""
+    from edgekit.backends import get_backend
+    from edgekit.measure.timing import pin_to_free_cores, timed_interleaved
+
+    backend = get_backend(job.backend)
+    runtime = backend.RuntimeOptions(**job.runtime)
+    threads = getattr(runtime, "threads", None)
+    with np.load(job.eval, allow_pickle=False) as z:
+        feed = {k: z[k][:1] for k in job.inputs}
+    pinned = pin_to_free_cores(threads) if job.pin else None  # before loading: runtime threads inherit it
+    runners = {kind: backend.load(Path(path), runtime) for kind, path in job.artifacts.items()}
+    res = timed_interleaved(runners, feed, threads=threads, warmup=job.warmup, per_round=job.per_round,
+                            min_rounds=job.min_rounds, max_seconds=job.max_seconds, interval=job.interval,
+                            pinned=pinned, baseline="fp32" if "fp32" in runners else None)
+    return TimeResult.model_validate(res)
 
 
 def ab(job: ABJob) -> ABResult:
@@ -259,7 +279,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(job_path).read_text())
     job_cls, _ = KINDS[kind]
     try:
-        result = {"ok": True, "result": {"build": build, "measure": measure, "ab": ab}[kind](
+        result = {"ok": True, "result": {"build": build, "measure": measure, "time": time_target, "ab": ab}[kind](
             job_cls.model_validate(spec["job"])).model_dump(mode="json")}
     except (InputError, TargetError) as e:
         result = {"ok": False, "error": str(e)}

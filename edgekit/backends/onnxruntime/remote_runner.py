@@ -8,8 +8,10 @@ library, numpy and the runtime (onnxruntime). edgekit is not installed there.
 job.json: {"artifact": "model.onnx", "feeds": "feeds.npz", "providers": [...], "threads": 1,
            "disabled_optimizers": [...],
            "warmup": 10, "runs": 100}
-The result holds raw per-run times; edgekit computes the statistics on its side, so they are the
-same statistics as for host measurements.
+      or, to time several artifacts in interleaved rounds (edgekit.measure.timing),
+          {"artifacts": ["fp32.onnx", "int8.onnx"], ..., "warmup": 10, "rounds": 10, "per_round": 20}
+The result holds raw per-run times ("seconds", or "blocks": per artifact, one list per round);
+edgekit computes the statistics on its side, so they are the same statistics as for host measurements.
 """
 import json
 import os
@@ -63,14 +65,44 @@ def run(job):
     so = ort.SessionOptions()
     so.intra_op_num_threads = job["threads"]
     so.inter_op_num_threads = 1
-    t0 = time.perf_counter()
     disabled = job.get("disabled_optimizers") or []
-    sess = ort.InferenceSession(job["artifact"], so, providers=providers,
-                                **({"disabled_optimizers": disabled} if disabled else {}))
-    load_ms = (time.perf_counter() - t0) * 1e3
-    names = {i.name for i in sess.get_inputs()}
+
+    def session(path):
+        return ort.InferenceSession(path, so, providers=providers,
+                                    **({"disabled_optimizers": disabled} if disabled else {}))
+
     with np.load(job["feeds"]) as z:
-        feed = {k: z[k] for k in z.files if k in names}
+        arrays = {k: z[k] for k in z.files}
+
+    def feed_of(sess):
+        names = {i.name for i in sess.get_inputs()}
+        return {k: v for k, v in arrays.items() if k in names}
+
+    info = {"runtime": f"onnxruntime {ort.__version__}", "machine": _machine()}
+    if "artifacts" in job:  # interleaved rounds over several artifacts (edgekit.measure.timing)
+        sessions = {name: session(name) for name in job["artifacts"]}
+        feeds = {name: feed_of(s) for name, s in sessions.items()}
+        for name, sess in sessions.items():
+            for _ in range(job["warmup"]):
+                sess.run(None, feeds[name])
+        names = list(sessions)
+        blocks = {name: [] for name in names}
+        for r in range(job["rounds"]):
+            shift = (r // 2) % len(names)  # rotate every other round, flip in between: ABBA for two
+            order = names[shift:] + names[:shift]
+            for name in (order if r % 2 == 0 else order[::-1]):
+                sess, feed, block = sessions[name], feeds[name], []
+                for _ in range(job["per_round"]):
+                    t = time.perf_counter()
+                    sess.run(None, feed)
+                    block.append(time.perf_counter() - t)
+                blocks[name].append(block)
+        provider = next(iter(sessions.values())).get_providers()[0]
+        return {"ok": True, "blocks": blocks, "provider": provider, **info}
+    t0 = time.perf_counter()
+    sess = session(job["artifact"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    feed = feed_of(sess)
     for _ in range(job["warmup"]):
         sess.run(None, feed)
     times = []
@@ -79,8 +111,7 @@ def run(job):
         sess.run(None, feed)
         times.append(time.perf_counter() - t)
     return {"ok": True, "seconds": times, "load_ms": round(load_ms, 2), "peak_rss_mb": _peak_rss_mb(),
-            "provider": sess.get_providers()[0], "runtime": f"onnxruntime {ort.__version__}",
-            "machine": _machine()}
+            "provider": sess.get_providers()[0], **info}
 
 
 def main(argv):
