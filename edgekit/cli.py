@@ -1,14 +1,19 @@
-"""The ``edgekit`` command line. Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 a target failed."""
+"""The ``edgekit`` command line. Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 a target failed,
+4 an internal error (a bug; the traceback goes to a log it names), 128+N a signal (130 Ctrl-C)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from edgekit import __version__
-from edgekit.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK, EXIT_TARGET_FAILED, InputError, TargetError
+from edgekit.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_TARGET_FAILED, InputError,
+                            TargetError)
 
 RECIPE_HELP = """\
 The recipe (edgekit.toml; relative paths resolve against its folder):
@@ -55,7 +60,8 @@ optimized), logs/<target>.log. Builds are cached in $EDGEKIT_CACHE (default ~/.c
 The directory appears only when the run finishes; a failed target is a 'failed' row with its
 reason, and the other targets still run.
 
-Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed. A target whose
+Exit codes: 0 ok, 1 a gate failed (ci), 2 bad input or usage, 3 a target failed, 4 an internal error
+(a bug: the message names a log with the traceback), 128+N killed by signal N (130 Ctrl-C, 143 SIGTERM). A target whose
 accuracy-aware quantization search ends over max_metric_drop is 'failed' in the report with its best
 artifact ("accuracy budget not met ...") and counts as a failed max_metric_drop gate (exit 1 from ci).
 """
@@ -114,13 +120,41 @@ def _parser() -> argparse.ArgumentParser:
                    help="time it on a Linux board over ssh instead of here (.onnx only)")
     b.add_argument("--remote-python", metavar="CMD",
                    help="Python on that board, with numpy + onnxruntime (default: the profile's, python3)")
-    b.add_argument("--runs", type=int, default=100)
-    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--runs", type=_count(1), default=100, help="timed calls (>= 1; default 100)")
+    b.add_argument("--warmup", type=_count(0), default=10, help="untimed calls first (>= 0; default 10)")
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     sub.add_parser("doctor", help="which toolchains, versions and execution providers are usable here")
     sub.add_parser("targets", help="list the target profiles")
+    c = sub.add_parser("cache", help="look after the build cache ($EDGEKIT_CACHE, default ~/.cache/edgekit)",
+                       description="Every entry holds the sha256 of its files; a damaged one is discarded "
+                                   "and rebuilt when a run meets it. 'verify' checks them all now.")
+    c.add_argument("action", choices=["info", "verify", "prune", "clear"],
+                   help="info: entries and size; verify: check every entry, remove damaged ones; "
+                        "prune: remove the oldest entries down to --max-size; clear: remove everything")
+    c.add_argument("--max-size", metavar="SIZE", type=_size, help="for prune: e.g. 500M, 20G")
     return p
+
+
+def _size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 500M or 20G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _count(least: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{n} is below {least}")
+        return n
+    return parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -128,18 +162,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.cmd:
         _parser().print_help()
         return EXIT_BAD_INPUT
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return {"run": _run, "ci": _run, "bench": _bench, "doctor": _doctor, "targets": _targets}[args.cmd](args)
+        return {"run": _run, "ci": _run, "bench": _bench, "doctor": _doctor, "targets": _targets,
+                "cache": _cache}[args.cmd](args)
     except InputError as e:
         print(f"edgekit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("edgekit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: staging and workers were cleaned up on the way
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"edgekit: {'interrupted' if signum == signal.SIGINT else signal.Signals(signum).name}; "
+              f"nothing was written", file=sys.stderr)
+        return 128 + signum
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(e)
+        print(f"edgekit: error: no space left on the device holding {e.filename or 'the output'} ({e.strerror}); "
+              f"free some space (the cache: `edgekit cache prune --max-size 10G`); nothing was written",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - a bug in edgekit: exit 4 with the traceback in a log, never 1
+        return _internal_error(e)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _internal_error(e: BaseException) -> int:
+    """A bug in edgekit: exit 4, the traceback in a log the message names."""
+    import tempfile
+    import traceback
+
+    fd, log = tempfile.mkstemp(prefix="edgekit-internal-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(e)))
+    print(f"edgekit: internal error: {type(e).__name__}: {e} (traceback: {log}; please report it)", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory; give a file path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 def _run(args) -> int:
-    import os
 
     from edgekit import report
     from edgekit.release import baseline, gates, junit
@@ -147,7 +224,14 @@ def _run(args) -> int:
     from edgekit.run import pipeline
     from edgekit.run.cache import Cache
 
+    for flag in ("junit", "summary"):  # written after the run: checked before it
+        if getattr(args, flag, None):
+            _check_writable(Path(getattr(args, flag)), f"--{flag}")
     base = baseline.load(args.baseline) if getattr(args, "baseline", None) else None  # bad input: before any work
+    if base is not None:
+        from edgekit.config.recipe import load_recipe
+
+        baseline.check_matches(base, load_recipe(args.recipe), args.baseline)
     doc = pipeline.run(args.recipe, args.targets, args.out, args.device, cache=Cache.open(not args.no_cache, args.reuse))
     out = Path(args.out) if args.out else Path("runs") / doc.model.name
     results = list(doc.gates)
@@ -209,18 +293,30 @@ def _bench(args) -> int:
     _, _, runtime = backend.options(prof)
     if args.threads:
         runtime = runtime.model_copy(update={"threads": args.threads})
-    if args.data:
-        with np.load(args.data, allow_pickle=False) as z:
-            feeds = [{k: z[k][:1] for k in z.files if k != "labels"}]
-    else:
-        feeds = lambda runner: [runner.synthetic_feed()]  # noqa: E731
+    feeds = _bench_feeds(Path(args.data)) if args.data else (lambda runner: [runner.synthetic_feed()])
+
+    def load():
+        runner = backend.load(path, runtime)
+        if args.data:  # the data must fit this artifact: names, then one real call
+            names = [i["name"] for i in (runner.signature() or {}).get("inputs", [])]
+            missing = [n for n in names if n not in feeds[0]]
+            if missing:
+                raise InputError(f"--data {args.data}: no array for input(s) {', '.join(missing)} of {path} "
+                                 f"(the file has: {', '.join(feeds[0]) or 'nothing'})")
+            try:
+                runner.run(feeds[0])
+            except Exception as e:  # noqa: BLE001 - a shape or dtype the artifact does not take
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputError(f"--data {args.data}: {path} cannot run on its sample 0: {first}") from None
+        return runner
+
     device = host_device()
     try:
         if args.device:
             device = with_device(prof, args.device).device
             stats = _bench_remote(args, path, prof, backend, runtime, feeds)
         else:
-            stats, _ = measure(lambda: backend.load(path, runtime), feeds, warmup=args.warmup, runs=args.runs)
+            stats, _ = measure(load, feeds, warmup=args.warmup, runs=args.runs)
     except TargetError as e:
         raise InputError(str(e)) from None
     stats.update(artifact=str(path), size_bytes=sum(f.stat().st_size for f in backend.files(path)), device=device,
@@ -234,6 +330,27 @@ def _bench(args) -> int:
               f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb'] or 0:.0f} MB; "
               f"size {stats['size_bytes'] / 1e6:.2f} MB")
     return EXIT_OK
+
+
+def _bench_feeds(data: Path) -> list[dict]:
+    """Sample 0 of every array of ``--data`` (labels left out), checked readable and non-empty."""
+    import zipfile
+
+    import numpy as np
+
+    if not data.is_file():
+        raise InputError(f"--data {data}: file not found")
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "labels"}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as e:
+        raise InputError(f"--data {data}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if not arrays:
+        raise InputError(f"--data {data}: holds no input arrays")
+    empty = [k for k, a in arrays.items() if a.ndim == 0 or len(a) == 0]
+    if empty:
+        raise InputError(f"--data {data}: array(s) {', '.join(empty)} have no samples on axis 0")
+    return [{k: a[:1] for k, a in arrays.items()}]
 
 
 def _bench_remote(args, path: Path, prof, backend, runtime, feeds) -> dict:
@@ -258,6 +375,34 @@ def _profile_for(path: Path):
                 and not backend.unmeasurable_reason(backend.options(prof)[2])):
             return prof
     raise InputError(f"artifact {path}: no target profile runs {path.suffix or 'extension-less'} files here")
+
+
+def _cache(args) -> int:
+    from edgekit.run.cache import Cache, default_root
+
+    cache = Cache(default_root())
+    if args.action == "prune" and args.max_size is None:
+        raise InputError("edgekit cache prune: give --max-size (e.g. --max-size 20G)")
+    if args.action == "info":
+        entries = cache.entries()
+        by_kind: dict[str, list] = {}
+        for e in entries:
+            by_kind.setdefault(e["kind"], []).append(e["bytes"])
+        print(f"cache {cache.root}: {len(entries)} entries, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
+        for kind, sizes in by_kind.items():
+            print(f"  {kind}: {len(sizes)} entries, {sum(sizes) / 1e6:.1f} MB")
+    elif args.action == "verify":
+        bad = cache.verify()
+        for path, why in bad:
+            print(f"removed damaged entry {path}: {why}")
+        print(f"cache {cache.root}: {len(cache.entries())} entries intact, {len(bad)} damaged removed")
+    elif args.action == "prune":
+        removed = cache.prune(args.max_size)
+        print(f"cache {cache.root}: removed {len(removed)} oldest entries "
+              f"({sum(e['bytes'] for e in removed) / 1e6:.1f} MB); {len(cache.entries())} left")
+    else:
+        print(f"cache {cache.root}: removed {cache.clear()} entries")
+    return EXIT_OK
 
 
 def _doctor(args) -> int:

@@ -4,6 +4,9 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_TARGET_FAILED = 3
+EXIT_INTERNAL = 4
+"""An error in edgekit itself (a bug): the message names the log with the traceback. Never 1, which
+means "a gate failed" to a release pipeline."""
 
 
 class InputError(Exception):

@@ -31,7 +31,7 @@ def test_bad_recipe_exits_2_and_writes_nothing(write_recipe, workdir, capsys):
     out = workdir / "out"
     assert main(["run", str(p), "--out", str(out)]) == 2
     assert "data.oops: unknown key" in capsys.readouterr().err
-    assert not out.exists() and not (workdir / "out.partial").exists()
+    assert not out.exists() and not list(workdir.glob(".out.partial-*"))
 
 
 def test_bad_data_exits_2_and_writes_nothing(write_recipe, workdir, capsys):
@@ -51,7 +51,7 @@ def test_output_dir_that_is_not_ours_is_not_overwritten(write_recipe, workdir, c
     (workdir / "mine").mkdir()
     (workdir / "mine" / "thesis.tex").write_text("precious")
     assert main(["run", str(write_recipe()), "--out", str(workdir / "mine")]) == 2
-    assert "not an earlier edgekit output; refusing to overwrite" in capsys.readouterr().err
+    assert "not an earlier edgekit output (no .edgekit-output in it); refusing to overwrite" in capsys.readouterr().err
     assert (workdir / "mine" / "thesis.tex").read_text() == "precious"
 
 

@@ -126,7 +126,7 @@ def test_ssh_board_is_timed_remotely_and_bad_boards_fail_alone(server, tmp_path)
 def test_device_option_is_checked_before_anything_runs(write_recipe, workdir, capsys):
     out = workdir / "out"
     assert main(["run", str(write_recipe()), "--out", str(out), "--device", "board.local"]) == 2
-    assert "--device 'board.local': expected host, ssh:[user@]host[:port] or adb:SERIAL" in capsys.readouterr().err
+    assert "--device: device 'board.local': expected host, ssh:[user@]host[:port]" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -8,12 +8,13 @@ profile file.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekit.errors import InputError
 
@@ -52,9 +53,9 @@ class Profile(BaseModel):
     name: str
     backend: str
     description: str = ""
-    device: str = Field(default="host", pattern=r"^(host|adb:.+|ssh:.+)$")
-    """Where latency is measured: ``host`` (this machine), ``ssh:[user@]host`` (a Linux board reached
-    over ssh; key from ssh-agent / ~/.ssh/config) or ``adb:SERIAL`` (an Android phone)."""
+    device: str = "host"
+    """Where latency is measured: ``host`` (this machine), ``ssh:[user@]host[:port]`` (a Linux board
+    reached over ssh; key from ssh-agent / ~/.ssh/config) or ``adb:SERIAL`` (an Android phone)."""
     arch: Optional[str] = None
     """The CPU architecture this target's latency stands for (``aarch64``, ``x86_64``). On a host of
     another architecture latency is not measured (host numbers are never passed off as ARM numbers)."""
@@ -67,6 +68,11 @@ class Profile(BaseModel):
     bench: BenchSettings = BenchSettings()
     prune: PruneSettings = PruneSettings()
     path: Optional[Path] = Field(default=None, exclude=True)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
 
 
 def profile_dirs() -> list[Path]:
@@ -117,12 +123,26 @@ def load_profile(name_or_path: str, base: Optional[Path] = None) -> Profile:
     return prof
 
 
+_USER = r"[A-Za-z0-9._][A-Za-z0-9._-]*"
+_HOST = r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])"  # a name, an IPv4, an ssh_config alias, [IPv6]
+_DEVICE = re.compile(rf"host|ssh:(?:{_USER}@)?{_HOST}(?::[0-9]{{1,5}})?|adb:[A-Za-z0-9._][A-Za-z0-9._:-]*")
+
+
+def check_device(v: str) -> str:
+    """``host``, ``ssh:[user@]host[:port]`` or ``adb:SERIAL``; nothing that ssh or adb could read as an
+    option (a leading ``-``) or a shell could read as syntax."""
+    if not isinstance(v, str) or not _DEVICE.fullmatch(v):
+        raise ValueError(f"device {v!r}: expected host, ssh:[user@]host[:port] (letters, digits, '.', '_', '-'; "
+                         f"not starting with '-') or adb:SERIAL")
+    return v
+
+
 def with_device(prof: Profile, device: str) -> Profile:
     """The profile with its device replaced (``edgekit run --device``)."""
     try:
         new = Profile(**{**prof.model_dump(), "device": device}, path=prof.path)
-    except ValidationError:
-        raise InputError(f"--device {device!r}: expected host, ssh:[user@]host[:port] or adb:SERIAL") from None
+    except ValidationError as e:
+        raise InputError(f"--device: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     _check_device(new, f"--device {device} for target {prof.name}")
     return new
 

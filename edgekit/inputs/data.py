@@ -52,8 +52,8 @@ def load_set(path: Path, inputs: Sequence[InputSpec], *, role: str, limit: Optio
     try:
         with np.load(path, allow_pickle=False) as z:
             raw = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise InputError(f"{role} data {path}: not a readable .npz file ({e})") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as e:
+        raise InputError(f"{role} data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
 
     labels = raw.pop("labels", None)
     names = [i.name for i in inputs]
@@ -89,8 +89,20 @@ def load_set(path: Path, inputs: Sequence[InputSpec], *, role: str, limit: Optio
     n = counts.pop()
     if n < 1:
         raise InputError(f"{role} data {path}: has no samples (need at least 1)")
-    if labels is not None and len(labels) != n:
-        raise InputError(f"{role} data {path}: 'labels' has {len(labels)} entries for {n} samples")
+    if labels is not None:
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1:
+            raise InputError(f"{role} data {path}: 'labels' has shape {labels.shape}; expected one class index "
+                             f"per sample, shape ({n},) (one-hot labels: store labels.argmax(1))")
+        if labels.dtype.kind not in "iu":
+            raise InputError(f"{role} data {path}: 'labels' has dtype {labels.dtype}; expected integer class "
+                             f"indices")
+        if len(labels) != n:
+            raise InputError(f"{role} data {path}: 'labels' has {len(labels)} entries for {n} samples")
+        if n and labels.min() < 0:
+            raise InputError(f"{role} data {path}: 'labels' holds a negative class index ({int(labels.min())}, "
+                             f"sample {int(labels.argmin())})")
 
     if limit is not None and n > limit:
         raw = {k: v[:limit] for k, v in raw.items()}

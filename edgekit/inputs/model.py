@@ -5,6 +5,7 @@ program saved as ``.pt2``. Inputs are passed positionally in the recipe's order.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -25,6 +26,26 @@ def configure_torch() -> None:
     sample instead of 6 ms (spinning barriers). edgekit's torch work (reference outputs, export,
     calibration) is small next to that risk; the runtimes being benchmarked keep their own settings."""
     torch.set_num_threads(int(os.environ.get("EDGEKIT_TORCH_THREADS", "1")))
+
+
+@contextlib.contextmanager
+def _isolated(where: str, doing: str, path):
+    """Run the user's code with argv reduced to the file's name, and any way out of it (an exception,
+    ``sys.exit``, a raised KeyboardInterrupt, argparse printing its usage) turned into a bad input that
+    names the file: the model file must never decide edgekit's exit code or read edgekit's options."""
+    argv = sys.argv
+    sys.argv = [str(path)]
+    try:
+        yield
+    except SystemExit as e:
+        raise InputError(f"{where}: {doing} called sys.exit({e.code!r}); a model file must define the model, "
+                         f"not run a program (guard script code with `if __name__ == '__main__':`)") from None
+    except KeyboardInterrupt:
+        raise InputError(f"{where}: {doing} raised KeyboardInterrupt") from None
+    except Exception as e:  # noqa: BLE001 - anything the user's code raises is the user's file
+        raise InputError(f"{where}: {doing} failed: {type(e).__name__}: {e}") from None
+    finally:
+        sys.argv = argv
 
 
 def load_model(recipe: Recipe) -> nn.Module:
@@ -53,18 +74,15 @@ def load_model(recipe: Recipe) -> nn.Module:
     sys.path.insert(0, str(path.parent))  # let the user's file import its neighbours
     try:
         sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{where}: importing {path} failed: {type(e).__name__}: {e}") from None
+        with _isolated(where, f"importing {path}", path):
+            spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise InputError(f"{where}: {path} has no callable named {attr!r}")
-    try:
+    with _isolated(where, f"calling {attr}()", path):
         model = fn()
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{where}: calling {attr}() failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise InputError(f"{where}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
@@ -116,6 +134,10 @@ def reference_outputs(model: nn.Module, specs: Sequence[InputSpec], samples) -> 
     every artifact is compared against."""
     outs = []
     with torch.inference_mode():
-        for s in samples:
-            outs.append(first_output(model(*example_inputs(specs, s))).float().numpy().reshape(-1))
+        for i, s in enumerate(samples):
+            try:
+                outs.append(first_output(model(*example_inputs(specs, s))).float().numpy().reshape(-1))
+            except Exception as e:  # noqa: BLE001 - e.g. a token id past the vocabulary in one sample
+                raise InputError(f"evaluation sample {i}: the fp32 PyTorch forward failed: {type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     return np.stack(outs)

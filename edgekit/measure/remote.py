@@ -39,7 +39,7 @@ def ssh_command(device: str) -> list[str]:
     if m:
         where, port = m.groups()
         cmd += ["-p", port]
-    return cmd + [where]
+    return cmd + ["--", where]  # the host can never be read as an option
 
 
 def _bundle(files: dict[str, str], feeds: dict[str, np.ndarray], job: dict, runner: Path) -> bytes:

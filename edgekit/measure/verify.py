@@ -9,6 +9,14 @@ from typing import Optional
 import numpy as np
 
 
+def non_finite(outputs: np.ndarray) -> Optional[str]:
+    """None when every output is finite, else how many samples are not and the first of them."""
+    bad = ~np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if not bad.any():
+        return None
+    return f"NaN or Inf in the outputs of {int(bad.sum())} of {len(outputs)} evaluation samples (first: sample {int(bad.argmax())})"
+
+
 def top1(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((outputs.argmax(axis=1) == labels.reshape(-1)).mean())
 

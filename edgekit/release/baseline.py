@@ -67,11 +67,34 @@ def load(path: str | Path) -> Report:
                                                 for t in targets):
         raise InputError(f"{where}: 'targets' must be a list of target rows with 'name' and 'status'")
     try:
-        return Report.model_validate(doc)
+        rep = Report.model_validate(doc)
     except ValidationError as e:
         first = e.errors()[0]
         raise InputError(f"{where}: not a valid {SCHEMA} report: {'.'.join(map(str, first['loc']))}: "
                          f"{first['msg']}") from None
+    for row in rep.targets:
+        for kind, art in row.artifacts():
+            lat = art.latency_ms
+            if lat is not None and not (lat.p50 > 0 and math.isfinite(lat.p50)):
+                raise InputError(f"{where}: target {row.name} {kind}: latency p50 {lat.p50!r} ms is not a "
+                                 f"positive number; not a measured report")
+    return rep
+
+
+def check_matches(base: Report, recipe, path: str | Path) -> None:
+    """A baseline is the previous release of the same model: same name, inputs and metric. Anything
+    else is bad input (exit 2), found before any work."""
+    where = f"baseline {path}"
+    if base.model.name != recipe.name:
+        raise InputError(f"{where}: is a report of model {base.model.name!r}, not {recipe.name!r} "
+                         f"(the recipe's [model] name); compare a release with its own previous release")
+    mine = [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in recipe.model.inputs]
+    theirs = [{k: i.get(k) for k in ("name", "shape", "dtype")} for i in base.model.inputs]
+    if theirs and theirs != mine:
+        raise InputError(f"{where}: model inputs {theirs} differ from the recipe's {mine}")
+    if base.eval.metric != recipe.data.metric:
+        raise InputError(f"{where}: scored with metric {base.eval.metric!r}, the recipe with "
+                         f"{recipe.data.metric!r}; metrics of different kinds cannot be compared")
 
 
 def rel_noise(lat: Latency) -> float:

@@ -256,7 +256,7 @@ class EvalInfo(_Model):
 
 
 class Report(_Model):
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("baseline",)
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("baseline", "previous")
 
     schema_: str = Field(default=SCHEMA, alias="schema")
     edgekit_version: str
@@ -270,6 +270,8 @@ class Report(_Model):
     gates: list[GateResult] = []
     cache: dict[str, Any] = {}
     baseline: Optional[dict[str, Any]] = None
+    previous: Optional[str] = None
+    """Where the output this run replaced was kept (``<out>.prev``), if there was one."""
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

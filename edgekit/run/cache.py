@@ -16,7 +16,9 @@ What a key covers (sha256 of a canonical JSON document, see ``build_key``):
 
 Entries are written into ``<cache>/tmp/`` and renamed into place (``os.rename`` of a directory is
 atomic on one file system), so a crash leaves at most an orphan in ``tmp/``, never a half entry.
-An entry holds ``entry.json`` (the stored result) and its files.
+An entry holds ``entry.json`` (the stored result, the sha256 of each of its files and of itself) and
+its files; every read checks them, and a damaged entry is discarded with a warning and computed again.
+``edgekit cache info|verify|prune --max-size|clear`` looks after it.
 """
 from __future__ import annotations
 
@@ -52,6 +54,40 @@ def file_sha256(path: str | Path) -> str:
                 h.update(chunk)
         _HASH_CACHE[memo] = h.hexdigest()
     return _HASH_CACHE[memo]
+
+
+def _sha256(path: Path) -> str:
+    """Not memoized: a cache entry's bytes are checked as they are now."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(entry: Path) -> list[str]:
+    meta = entry / "entry.json"
+    return sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*") if p.is_file() and p != meta)
+
+
+def damage(entry: Path) -> Optional[str]:
+    """None when a cache entry is intact, else what is wrong with it."""
+    try:
+        meta = json.loads((entry / "entry.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"entry.json unreadable: {type(e).__name__}"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or "sha256" not in meta:
+        return "no hashes (written by an older edgekit)"
+    if digest({k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
+        return "entry.json: sha256 differs from the one stored"
+    present = _files(entry)
+    if sorted(files) != present:
+        return f"files {sorted(set(files) ^ set(present))} missing or unexpected"
+    for rel, want in files.items():
+        if _sha256(entry / rel) != want:
+            return f"{rel}: sha256 differs from the one stored"
+    return None
 
 
 def digest(obj) -> str:
@@ -142,10 +178,22 @@ class Cache:
                 pass
 
     def get(self, kind: str, key: str) -> Optional[Path]:
+        """The entry, checked: its entry.json parses and every file has the sha256 recorded when it was
+        stored. A damaged entry (truncated, edited, a file swapped) is discarded with a warning: the
+        caller then rebuilds or re-measures it, and never trusts it."""
         if not self.enabled:
             return None
         entry = self.root / kind / key
-        return entry if (entry / "entry.json").is_file() else None
+        if not (entry / "entry.json").is_file():
+            return None
+        problem = damage(entry)
+        if problem is None:
+            return entry
+        from edgekit.progress import say
+
+        say(f"WARNING: cache entry {entry} is damaged ({problem}); discarded, computing it again")
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
     def put(self, kind: str, key: str, fill: Callable[[Path], dict]) -> Optional[Path]:
         """``fill(dir)`` writes the entry's files into a fresh dir and returns its entry.json content;
@@ -155,7 +203,8 @@ class Cache:
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            meta = fill(tmp)
+            meta = {**fill(tmp), "files": {rel: _sha256(tmp / rel) for rel in _files(tmp)}}
+            meta["sha256"] = digest(meta)
             with open(tmp / "entry.json", "w") as f:
                 json.dump(meta, f, indent=1)
                 f.flush()
@@ -170,6 +219,49 @@ class Cache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    # -- housekeeping (``edgekit cache``) --------------------------------------------------------------
+
+    KINDS = ("builds", "measure", "outputs", "values", "reference")
+
+    def entries(self) -> list[dict]:
+        """Every entry: kind, key, path, bytes, last modified."""
+        out = []
+        for kind in self.KINDS:
+            for entry in sorted((self.root / kind).glob("*")) if self.enabled else []:
+                if entry.is_dir():
+                    size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                    out.append({"kind": kind, "key": entry.name, "path": entry, "bytes": size,
+                                "mtime": entry.stat().st_mtime})
+        return out
+
+    def verify(self) -> list[tuple[Path, str]]:
+        """Check every entry; remove the damaged ones. Returns (entry, what was wrong)."""
+        bad = []
+        for e in self.entries():
+            problem = damage(e["path"])
+            if problem:
+                shutil.rmtree(e["path"], ignore_errors=True)
+                bad.append((e["path"], problem))
+        return bad
+
+    def prune(self, max_bytes: int) -> list[dict]:
+        """Remove the least recently written entries until the cache holds at most ``max_bytes``."""
+        entries = sorted(self.entries(), key=lambda e: e["mtime"])
+        total, removed = sum(e["bytes"] for e in entries), []
+        for e in entries:
+            if total <= max_bytes:
+                break
+            shutil.rmtree(e["path"], ignore_errors=True)
+            total -= e["bytes"]
+            removed.append(e)
+        return removed
+
+    def clear(self) -> int:
+        n = len(self.entries())
+        for kind in (*self.KINDS, "tmp"):
+            shutil.rmtree(self.root / kind, ignore_errors=True)
+        return n
 
     # -- the three things cached ------------------------------------------------------------------
 

@@ -1,14 +1,19 @@
 """The run: validate everything, then per target build -> verify + benchmark -> judge, then the report.
 
 Nothing is written before the inputs are validated, and the output directory appears only when the
-report is complete: work happens in ``<out>.partial`` and is renamed at the end (removed on error).
+report is complete: work happens in a private ``.<out>.partial-*`` folder, renamed at the end (removed on
+error or signal). One run per output directory at a time (``<out>.lock``); edgekit replaces only folders
+it wrote (``MARKER``), and keeps the one it replaces as ``<out>.prev``.
 Each target's toolchain work runs in worker processes (``edgekit.run.worker``); a failed target becomes a
 ``failed`` row and the other targets still run.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +27,7 @@ from edgekit.config.recipe import Recipe, load_recipe
 from edgekit.errors import InputError, TargetError
 from edgekit.measure import devices
 from edgekit.measure.machine import host_device, machine
-from edgekit.measure.verify import fidelity, score
+from edgekit.measure.verify import fidelity, non_finite, score
 from edgekit.progress import bar, say, step
 from edgekit.release import gates
 from edgekit.report import manifest, write as write_report
@@ -55,12 +60,22 @@ def prepare(recipe_path: str | Path, targets: Optional[Sequence[str]], out: Opti
     return Prepared(recipe, profiles, out_dir.resolve())
 
 
+MARKER = ".edgekit-output"
+"""Written into every output directory edgekit publishes: the only folders it will ever replace."""
+
+
 def check_output_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output directory {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise InputError(f"output directory {out}: not empty and not an earlier edgekit output; "
-                         f"refusing to overwrite it (choose another --out)")
+    """``out`` may be new, empty, or an earlier edgekit output (it has ``MARKER``); so may ``out.prev``,
+    where the earlier output goes when a new one is published. Anything else is refused, never deleted."""
+    for d in (out, _prev(out)):
+        if d.is_symlink():
+            raise InputError(f"output directory {d}: is a symbolic link; refusing to write through it "
+                             f"(give the real path)")
+        if d.exists() and not d.is_dir():
+            raise InputError(f"output directory {d}: exists and is not a directory")
+        if d.is_dir() and any(d.iterdir()) and not (d / MARKER).is_file():
+            raise InputError(f"output directory {d}: not empty and not an earlier edgekit output (no {MARKER} "
+                             f"in it); refusing to overwrite it (choose another --out, or move it away)")
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +104,7 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
     """Run the whole pipeline; return the report (also written to ``<out>/report.json``).
     ``cache``: see ``edgekit.run.cache`` (default: the user's cache, re-measuring cached builds)."""
     from edgekit.inputs.data import check_disjoint, load_calibration, load_evaluation
-    from edgekit.inputs.model import check_forward, configure_torch, count_macs, count_params, example_inputs, \
-        load_model, reference_outputs
+    from edgekit.inputs.model import check_forward, configure_torch, load_model
 
     prep = prepare(recipe_path, targets, out, device)
     configure_torch()
@@ -103,13 +117,21 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
     cache = cache if cache is not None else Cache.open()
     keys = Keys.for_run(recipe, model, calib.path, evals.path) if cache.enabled else None
 
-    staging = prep.out.with_name(prep.out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "logs").mkdir(parents=True)
+    with _lock(prep.out):
+        return _run_locked(prep, recipe, calib, evals, model, cache, keys)
+
+
+def _run_locked(prep: Prepared, recipe: Recipe, calib, evals, model, cache: Cache, keys) -> Report:
+    from edgekit.inputs.model import count_macs, count_params, example_inputs, reference_outputs
+
+    # A fresh, private (0700) staging folder per run, created (never followed) next to the output.
+    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.partial-", dir=prep.out.parent))
+    (staging / "logs").mkdir()
     try:
         with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
             reference, hit = cache.array(keys.reference() if keys else "", lambda: reference_outputs(
                 model, recipe.model.inputs, bar(evals, len(evals), "fp32 torch")))
+            _check_reference(recipe, reference, evals)
             fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
             s["note"] = ("cached; " if hit else "") + f"{recipe.data.metric} = {fp32_metric:.4f}"
         from edgekit import report
@@ -131,13 +153,33 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         shutil.rmtree(staging / "prune_cache", ignore_errors=True)
         doc.cache = {"enabled": cache.enabled, "root": str(cache.root) if cache.enabled else None,
                      "reuse_measurements": cache.reuse_measurements}
+        if prep.out.exists():
+            doc.previous = str(_prev(prep.out))
         manifest.write(doc, staging)
         write_report(doc, staging)
+        (staging / MARKER).write_text(json.dumps({"tool": "edgekit", "version": __version__,
+                                                  "created": doc.created}) + "\n")
         _publish(staging, prep.out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return doc
+
+
+def _check_reference(recipe: Recipe, reference: np.ndarray, evals) -> None:
+    """The fp32 torch outputs every artifact is judged against: finite, and wide enough for the labels."""
+    from edgekit.measure.verify import non_finite
+
+    bad = non_finite(reference)
+    if bad:
+        raise InputError(f"{recipe.path}: model.source {recipe.model.source!r}: the fp32 PyTorch model gives {bad} "
+                         f"of {evals.path}; nothing can be verified against that")
+    if evals.labels is not None and recipe.data.metric == "top1":
+        width = reference.shape[1] if reference.ndim == 2 else 1
+        if int(evals.labels.max()) >= width:
+            raise InputError(f"evaluation data {evals.path}: 'labels' holds class {int(evals.labels.max())} "
+                             f"(sample {int(evals.labels.argmax())}), but the model's first output has {width} "
+                             f"classes (0..{width - 1})")
 
 
 def run_target(prof: Profile, shared: _Run) -> TargetRow:
@@ -218,6 +260,9 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
     if hit:
         row.cache["measure"][kind] = "reused"
     outputs = np.load(job.outputs)
+    bad = non_finite(outputs)
+    if bad:
+        raise TargetError(f"the {kind} artifact {art.path} gives {bad}: it cannot be trusted (nothing was timed)")
     verified_on = _on(host_device(), measured.runtime_device)
     if remote and unmeasurable is None:
         say(f"[{prof.name}] load {kind} on {prof.device}")
@@ -351,13 +396,55 @@ def _rel(path: str, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
+def _prev(out: Path) -> Path:
+    return out.with_name(out.name + ".prev")
+
+
 def _publish(staging: Path, out: Path) -> None:
-    """Replace ``out`` (an earlier edgekit output, checked in prepare) with the finished staging dir."""
+    """Put the finished staging dir at ``out``. An earlier output there (checked in prepare) is kept as
+    ``out.prev`` (replacing the one before it), so a failed target never loses the last good output."""
     if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        prev = _prev(out)
+        check_output_dir(out)  # again: the folders may have changed while the run ran
+        if prev.exists():
+            shutil.rmtree(prev)
+        out.rename(prev)
+    staging.rename(out)
+
+
+@contextmanager
+def _lock(out: Path):
+    """One run per output directory: ``out.lock`` holds the pid; a lock whose process is gone is stale
+    and taken over."""
+    lock = out.with_name(out.name + ".lock")
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise InputError(f"output directory {out}: another edgekit run (pid {pid}) is writing it "
+                                 f"(lock {lock}); wait for it or choose another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its run is gone
     else:
-        staging.rename(out)
+        raise InputError(f"output directory {out}: cannot take the lock {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
