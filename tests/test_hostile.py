@@ -398,3 +398,19 @@ def test_a_full_disk_is_named_not_a_traceback(write_recipe, workdir, capsys, mon
     monkeypatch.setattr(pipeline, "prepare", full)
     assert _run(write_recipe(), workdir / "out") == 2
     assert f"no space left on the device holding {workdir / 'out'}" in capsys.readouterr().err
+
+
+def test_an_npz_whose_header_claims_a_petabyte_is_bad_input(write_recipe, workdir, capsys):
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 11, 3, 32, 32)})
+    buf.write(b"\0" * 64)
+    with zipfile.ZipFile(workdir / "calib.npz", "w") as z:
+        z.writestr("image.npy", buf.getvalue())
+    assert _run(write_recipe(), workdir / "out") == 2
+    err = capsys.readouterr().err
+    assert f"calibration data {workdir / 'calib.npz'}: not a readable .npz file (MemoryError" in err
