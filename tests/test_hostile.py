@@ -414,3 +414,25 @@ def test_an_npz_whose_header_claims_a_petabyte_is_bad_input(write_recipe, workdi
     assert _run(write_recipe(), workdir / "out") == 2
     err = capsys.readouterr().err
     assert f"calibration data {workdir / 'calib.npz'}: not a readable .npz file (MemoryError" in err
+
+
+def test_a_baseline_with_a_malformed_row_is_bad_input(write_recipe, workdir, capsys):
+    prev = {"schema": "edgekit.report/1", "edgekit_version": "x", "created": "x",
+            "machine": {"cpu": "c", "arch": "x86_64"}, "model": {"name": "m", "source": "s", "params": 1},
+            "eval": {"path": "e", "metric": "cosine", "n": 1, "fp32_torch": 1.0},
+            "targets": [{"name": "ort-cpu", "status": "ok", "backend": "onnxruntime", "device": "host",
+                         "optimized": "not an artifact"}]}
+    (workdir / "prev.json").write_text(json.dumps(prev))
+    assert main(["ci", str(write_recipe()), "--out", str(workdir / "out"), "--baseline", str(workdir / "prev.json")]) == 2
+    assert f"baseline {workdir / 'prev.json'}: not a valid edgekit.report/1 report: targets.0.optimized" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_whatever_sits_at_the_old_staging_name_is_neither_followed_nor_touched(write_recipe, workdir):
+    (workdir / "elsewhere").mkdir()
+    (workdir / "out.partial").symlink_to(workdir / "elsewhere")
+    (workdir / "run2.partial").write_text("a regular file")
+    assert _run(write_recipe(), workdir / "out") == 0 and _run(write_recipe(), workdir / "run2") == 0
+    assert (workdir / "out").is_dir() and not (workdir / "out").is_symlink()
+    assert not any((workdir / "elsewhere").iterdir()) and (workdir / "run2.partial").read_text() == "a regular file"
