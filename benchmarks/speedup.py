@@ -18,7 +18,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from edgekit.run import pipeline
+from edgekit.orchestrate import pipeline
 from edgekit.measure.machine import machine
 
 HERE = Path(__file__).resolve().parent

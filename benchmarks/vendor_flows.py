@@ -123,7 +123,7 @@ def digest(obj) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    from edgekit.run.cache import file_sha256 as sha
+    from edgekit.orchestrate.cache import file_sha256 as sha
 
     return sha(path)
 
@@ -558,7 +558,7 @@ class Bench:
     def model_digest(self) -> str:
         if self._model_digest is None:
             from edgekit.inputs.model import configure_torch, load_model
-            from edgekit.run.cache import model_digest
+            from edgekit.orchestrate.cache import model_digest
 
             configure_torch()
             src = self.recipe.model.source

@@ -124,8 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_count(0), default=10, help="untimed calls first (>= 0; default 10)")
     b.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    sub.add_parser("doctor", help="which toolchains, versions and execution providers are usable here")
+    d = sub.add_parser("doctor", help="which toolchains, versions and execution providers are usable here")
+    d.add_argument("--deep", action="store_true", help="import every toolchain (finds broken installs; ~10 s)")
     sub.add_parser("targets", help="list the target profiles")
+    r = sub.add_parser("report", help="write report.md and report.html again from an output folder's report.json")
+    r.add_argument("dir", help="an edgekit output folder (or its report.json)")
+    sub.add_parser("schema", help="print the recipe's JSON schema (for editors and CI linters)")
     c = sub.add_parser("cache", help="look after the build cache ($EDGEKIT_CACHE, default ~/.cache/edgekit)",
                        description="Every entry holds the sha256 of its files; a damaged one is discarded "
                                    "and rebuilt when a run meets it. 'verify' checks them all now.")
@@ -165,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return {"run": _run, "ci": _run, "bench": _bench, "doctor": _doctor, "targets": _targets,
-                "cache": _cache}[args.cmd](args)
+                "cache": _cache, "report": _report, "schema": _schema}[args.cmd](args)
     except InputError as e:
         print(f"edgekit: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -220,9 +224,9 @@ def _run(args) -> int:
 
     from edgekit import report
     from edgekit.release import baseline, gates, junit
-    from edgekit.report.markdown import table
-    from edgekit.run import pipeline
-    from edgekit.run.cache import Cache
+    from edgekit.report import terminal
+    from edgekit.orchestrate import pipeline
+    from edgekit.orchestrate.cache import Cache
 
     for flag in ("junit", "summary"):  # written after the run: checked before it
         if getattr(args, flag, None):
@@ -246,7 +250,7 @@ def _run(args) -> int:
         results += compared
         report.write(doc, out)
     print()
-    print(table(doc))
+    print(terminal.table(doc, results))
     print()
     bad_gates = gates.failed(results)
     for g in bad_gates:
@@ -258,7 +262,8 @@ def _run(args) -> int:
     for t in doc.targets:
         if t.budget_missed:  # artifacts built and measured: a failed max_metric_drop gate, not exit 3
             print(f"target failed its accuracy budget: {t.name}: {t.reason.splitlines()[0]}")
-    print(f"report: {out / 'report.md'} (and report.json, report.html, manifest.json)")
+    print(f"report: {out / 'report.html'} (and report.md, report.json, manifest.json; logs/ has each "
+          f"target's full toolchain output)")
     code = EXIT_TARGET_FAILED if failed else EXIT_GATE_FAILED if bad_gates and args.cmd == "ci" else EXIT_OK
     if args.cmd == "ci":
         if args.junit:
@@ -276,109 +281,40 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
-    import numpy as np
+    from edgekit.api import bench
 
-    from edgekit.backends import get_backend
-    from edgekit.measure.bench import measure
-    from edgekit.measure.machine import host_device
-    from edgekit.config.profiles import load_profile, with_device
-
-    path = Path(args.artifact)
-    if not path.is_file():
-        raise InputError(f"artifact {path}: file not found")
-    prof = load_profile(args.target) if args.target else _profile_for(path)
-    backend = get_backend(prof.backend)
-    if path.suffix != backend.suffix:
-        raise InputError(f"artifact {path}: target {prof.name} runs {backend.suffix} files")
-    _, _, runtime = backend.options(prof)
-    if args.threads:
-        runtime = runtime.model_copy(update={"threads": args.threads})
-    feeds = _bench_feeds(Path(args.data)) if args.data else (lambda runner: [runner.synthetic_feed()])
-
-    def load():
-        runner = backend.load(path, runtime)
-        if args.data:  # the data must fit this artifact: names, then one real call
-            names = [i["name"] for i in (runner.signature() or {}).get("inputs", [])]
-            missing = [n for n in names if n not in feeds[0]]
-            if missing:
-                raise InputError(f"--data {args.data}: no array for input(s) {', '.join(missing)} of {path} "
-                                 f"(the file has: {', '.join(feeds[0]) or 'nothing'})")
-            try:
-                runner.run(feeds[0])
-            except Exception as e:  # noqa: BLE001 - a shape or dtype the artifact does not take
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise InputError(f"--data {args.data}: {path} cannot run on its sample 0: {first}") from None
-        return runner
-
-    device = host_device()
-    try:
-        if args.device:
-            device = with_device(prof, args.device).device
-            stats = _bench_remote(args, path, prof, backend, runtime, feeds)
-        else:
-            stats, _ = measure(load, feeds, warmup=args.warmup, runs=args.runs)
-    except TargetError as e:
-        raise InputError(str(e)) from None
-    stats.update(artifact=str(path), size_bytes=sum(f.stat().st_size for f in backend.files(path)), device=device,
-                 threads=getattr(runtime, "threads", None), target=prof.name)
+    stats = bench(args.artifact, target=args.target, data=args.data, device=args.device, threads=args.threads,
+                  warmup=args.warmup, runs=args.runs, remote_python=args.remote_python)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
-        lat = stats["latency_ms"]
-        print(f"{path} on {stats['device']} ({prof.name}, {stats['threads']} thread(s)): p50 {lat['p50']:.3f} ms, "
+        lat, path = stats["latency_ms"], stats["artifact"]
+        print(f"{path} on {stats['device']} ({stats['target']}, {stats['threads']} thread(s)): p50 {lat['p50']:.3f} ms, "
               f"p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, mean {lat['mean']:.3f} (n={lat['n']}); "
               f"load {stats['load_ms']:.0f} ms; peak RSS {stats['peak_rss_mb'] or 0:.0f} MB; "
               f"size {stats['size_bytes'] / 1e6:.2f} MB")
     return EXIT_OK
 
 
-def _bench_feeds(data: Path) -> list[dict]:
-    """Sample 0 of every array of ``--data`` (labels left out), checked readable and non-empty."""
-    import zipfile
+def _report(args) -> int:
+    from edgekit.api import render
 
-    import numpy as np
-
-    if not data.is_file():
-        raise InputError(f"--data {data}: file not found")
-    try:
-        with np.load(data, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "labels"}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, MemoryError) as e:
-        raise InputError(f"--data {data}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    if not arrays:
-        raise InputError(f"--data {data}: holds no input arrays")
-    empty = [k for k, a in arrays.items() if a.ndim == 0 or len(a) == 0]
-    if empty:
-        raise InputError(f"--data {data}: array(s) {', '.join(empty)} have no samples on axis 0")
-    return [{k: a[:1] for k, a in arrays.items()}]
+    doc = render(args.dir)
+    folder = Path(args.dir) if Path(args.dir).is_dir() else Path(args.dir).parent
+    print(f"re-rendered {folder / 'report.md'} and {folder / 'report.html'} from report.json "
+          f"({len(doc.targets)} targets, created {doc.created})")
+    return EXIT_OK
 
 
-def _bench_remote(args, path: Path, prof, backend, runtime, feeds) -> dict:
-    from edgekit.measure import remote
+def _schema(args) -> int:
+    from edgekit.api import recipe_schema
 
-    if callable(feeds):  # no --data: synthesize the feed from the artifact's signature, here
-        feeds = feeds(backend.load(path, runtime))
-    return remote.benchmark(args.device, [str(f) for f in backend.files(path)], feeds[0],
-                            runner=backend.remote_runner(), settings=backend.remote_settings(runtime), warmup=args.warmup,
-                            runs=args.runs, python=args.remote_python or prof.remote_python)
-
-
-def _profile_for(path: Path):
-    from edgekit.backends import get_backend
-    from edgekit.measure.devices import unmeasurable_reason
-    from edgekit.config.profiles import available, load_profile
-
-    for name in available():  # the first profile that can time this file type on this machine
-        prof = load_profile(name)
-        backend = get_backend(prof.backend)
-        if (backend.suffix == path.suffix and prof.device == "host" and not unmeasurable_reason("host", prof.arch)
-                and not backend.unmeasurable_reason(backend.options(prof)[2])):
-            return prof
-    raise InputError(f"artifact {path}: no target profile runs {path.suffix or 'extension-less'} files here")
+    print(json.dumps(recipe_schema(), indent=2))
+    return EXIT_OK
 
 
 def _cache(args) -> int:
-    from edgekit.run.cache import Cache, default_root
+    from edgekit.orchestrate.cache import Cache, default_root
 
     cache = Cache(default_root())
     if args.action == "prune" and args.max_size is None:
@@ -408,7 +344,7 @@ def _cache(args) -> int:
 def _doctor(args) -> int:
     from edgekit.doctor import report
 
-    print(report())
+    print(report(deep=args.deep))
     return EXIT_OK
 
 

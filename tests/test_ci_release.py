@@ -280,7 +280,7 @@ def test_suspected_regression_is_cleared_by_an_interleaved_remeasurement(write_r
 def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workdir, tmp_path):
     import torch
 
-    from edgekit.run.cache import Keys
+    from edgekit.orchestrate.cache import Keys
     from edgekit.inputs.model import load_model
     from edgekit.config.recipe import load_recipe
 
@@ -288,7 +288,7 @@ def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workd
     model = load_model(recipe)
     prof = tmp_path / "p.toml"
     shutil.copy(ROOT / "targets/ort-cpu.toml", prof)
-    from edgekit.run.jobs import BuildJob
+    from edgekit.orchestrate.jobs import BuildJob
 
     job = BuildJob(recipe=str(recipe.path), target=str(prof), out="/x")
     calib, evals = workdir / "calib.npz", workdir / "eval.npz"
@@ -299,7 +299,7 @@ def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workd
     k0 = key()
     assert key() == k0 and key(j=job.model_copy(update={"out": "/y"})) == k0  # where it writes is not an input
     assert key(versions={"onnxruntime": "2"}) != k0
-    import edgekit.run.cache as cache
+    import edgekit.orchestrate.cache as cache
 
     real = cache.source_digest()
     cache._SOURCE["source"] = "edited"       # edgekit's own code changed, its version did not
@@ -327,7 +327,7 @@ def test_cache_key_follows_weights_data_profile_and_versions(write_recipe, workd
 
 
 def test_cache_writes_are_atomic(tmp_path, monkeypatch):
-    from edgekit.run.cache import Cache
+    from edgekit.orchestrate.cache import Cache
 
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "c"))
     c = Cache.open()

@@ -93,7 +93,25 @@ def test_bench_corrupt_artifact(tmp_path, capsys):
 def test_doctor_and_targets():
     out = subprocess.run([sys.executable, "-m", "edgekit", "doctor"], capture_output=True, text=True, check=True).stdout
     assert "onnxruntime" in out and "CPUExecutionProvider" in out and "ort-cpu" in out
-    assert "no CUDA provider" in out and "edgekit[onnxruntime-gpu]" in out  # this machine has no GPU
+    assert "no CUDA provider" in out and "edgekit-deploy[onnxruntime-gpu]" in out  # this machine has no GPU
+    assert "matplotlib" in out and "torch-pruning" in out  # the extras too
     out = subprocess.run([sys.executable, "-m", "edgekit", "targets"], capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines()]
     assert names == ["openvino-x86", "ort-arm", "ort-cpu", "ort-gpu", "tflite-mobile"]
+
+
+def test_doctor_is_quiet_and_names_the_fix_for_a_missing_or_broken_package(tmp_path, monkeypatch):
+    from edgekit import doctor
+
+    p = subprocess.run([sys.executable, "-m", "edgekit", "doctor"], capture_output=True, text=True, check=True)
+    assert p.stderr.strip() == ""  # no absl / oneDNN / torchao banners
+    monkeypatch.setattr(doctor, "EXTRAS", doctor.EXTRAS + (("no_such_mod", "no-such-dist", "a feature", "pip install x"),))
+    out = doctor.report()
+    assert "no-such-dist     missing: pip install x" in out and "to fix (from the edgekit checkout):" in out
+    (tmp_path / "broken_mod.py").write_text("raise RuntimeError('half installed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(doctor, "EXTRAS", (("broken_mod", "broken-dist", "a feature", "pip install y"),))
+    real = doctor._version
+    monkeypatch.setattr(doctor, "_version", lambda d: "1.0" if d == "broken-dist" else real(d))
+    deep = doctor.report(deep=True)
+    assert "broken-dist      BROKEN 1.0: RuntimeError: half installed" in deep and "  broken-dist: pip install y" in deep

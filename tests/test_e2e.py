@@ -127,7 +127,7 @@ def build():
 def crash():
     import os, signal, sys
     main = sys.modules["__main__"]
-    if getattr(main.__spec__, "name", "") == "edgekit.run.worker":  # only inside edgekit's worker process
+    if getattr(main.__spec__, "name", "") == "edgekit.orchestrate.worker":  # only inside edgekit's worker process
         os.kill(os.getpid(), signal.SIGSEGV)
     return _build()
 """

@@ -63,7 +63,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_lock(write_reci
 
 
 def test_a_stale_lock_is_taken_over(tmp_path):
-    from edgekit.run.pipeline import _lock
+    from edgekit.orchestrate.pipeline import _lock
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -207,7 +207,7 @@ def test_ssh_gets_the_host_after_an_end_of_options_marker():
 # -- bugs and signals -----------------------------------------------------------------------------------------
 
 def test_an_internal_error_exits_4_with_the_traceback_in_a_log(write_recipe, workdir, capsys, monkeypatch):
-    from edgekit.run import pipeline
+    from edgekit.orchestrate import pipeline
 
     def boom(*a, **k):
         raise RuntimeError("a bug")
@@ -293,7 +293,7 @@ def test_bench_counts_are_checked_by_the_parser(relu_onnx, capsys, flag, value, 
 # -- the cache is checked, never trusted blindly ---------------------------------------------------------------
 
 def _cache(tmp_path):
-    from edgekit.run.cache import Cache
+    from edgekit.orchestrate.cache import Cache
 
     (tmp_path / "tmp").mkdir(parents=True, exist_ok=True)
     return Cache(tmp_path)
@@ -390,7 +390,7 @@ def test_an_unwritable_junit_path_is_refused_before_the_run(write_recipe, workdi
 def test_a_full_disk_is_named_not_a_traceback(write_recipe, workdir, capsys, monkeypatch):
     import errno
 
-    from edgekit.run import pipeline
+    from edgekit.orchestrate import pipeline
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "out"))

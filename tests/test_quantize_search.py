@@ -47,7 +47,7 @@ def test_quantize_table_is_validated(fragile: Path):
 
 
 def test_search_is_on_only_with_an_accuracy_gate(fragile: Path, tmp_path: Path):
-    from edgekit.run.pipeline import _search_spec
+    from edgekit.orchestrate.pipeline import _search_spec
     from edgekit.config.profiles import load_profile
 
     prof, ref = load_profile("ort-cpu"), tmp_path / "reference.npy"
@@ -63,7 +63,7 @@ def test_search_is_on_only_with_an_accuracy_gate(fragile: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_search_repairs_the_collapsed_int8(fragile: Path):
-    from edgekit.run.pipeline import run
+    from edgekit.orchestrate.pipeline import run
 
     doc = run(fragile, out=fragile / "out").to_json()
     row = doc["targets"][0]
@@ -80,7 +80,7 @@ def test_search_repairs_the_collapsed_int8(fragile: Path):
 
 @pytest.mark.slow
 def test_time_budget_is_respected_and_the_failure_is_honest(fragile: Path):
-    from edgekit.run.pipeline import run
+    from edgekit.orchestrate.pipeline import run
 
     _set_quantize(fragile, "[quantize]\ntime_budget_s = 0.01\neval_samples = 16\n")  # less than any step
     doc = run(fragile, out=fragile / "out").to_json()

@@ -62,7 +62,7 @@ def test_bad_metric_and_dtype(write_recipe):
 
 
 def test_unknown_target(write_recipe):
-    from edgekit.run.pipeline import prepare
+    from edgekit.orchestrate.pipeline import prepare
 
     with pytest.raises(InputError, match=r"unknown target 'ort-cpuu'; known targets: .*ort-cpu"):
         prepare(write_recipe(targets='["ort-cpuu"]'), None, None)

@@ -224,3 +224,23 @@ def test_interval_and_noise_flag_show_in_report_md_and_html():
     assert "2.80× [2.60–3.00] <span class=\"na\">noisy</span>" in page
     assert "noisy timing: other processes used 1.01 cores during timing" in page
     assert "3.10× [3.00–3.20]</td>" in page
+
+
+def test_terminal_summary_is_an_aligned_table_with_the_best_target_within_gates_marked():
+    from edgekit.report import terminal
+    from edgekit.report.schema import GateResult
+
+    fast_but_failing = _row(5.0, (4.8, 5.2), name="tflite-mobile")
+    doc = _report(_row(2.8, (2.6, 3.0), noisy=True), _row(3.1, (3.0, 3.2), name="openvino-x86"), fast_but_failing)
+    results = [GateResult(target="tflite-mobile", gate="max_metric_drop", limit=0.001, value=0.002, passed=False,
+                          what="metric drop"),
+               GateResult(target="openvino-x86", gate="min_speedup", limit=2.0, value=3.1, passed=True, what="x")]
+    text = terminal.table(doc, results, colour=False)
+    lines = text.splitlines()
+    assert "|" not in text and "**" not in text  # not Markdown
+    row = {ln.split()[0]: ln for ln in lines[2:5]}
+    assert row["openvino-x86"].endswith("★ best") and "FAILED max_metric_drop" in row["tflite-mobile"]
+    assert "3.10× [3.00–3.20]" in row["openvino-x86"] and "2.80× [2.60–3.00] noisy" in row["ort-cpu"]
+    starts = {ln.index(ln.split()[2]) for ln in lines[2:5]}  # the p50 column starts at one offset in every row
+    assert len(starts) == 1
+    assert "ort-cpu: noisy timing (other processes used 1.01 cores during timing)" in text

@@ -17,17 +17,17 @@ _ORT = (("onnx", "onnx", "ONNX graphs"), ("onnxscript", "onnxscript", "torch.onn
 REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("onnxruntime", "edgekit.backends.onnxruntime:OnnxRuntimeBackend", ".onnx",
                 packages=("onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript"), imports=_ORT,
-                install_hint="pip install 'edgekit[onnxruntime]'", remote=True),
+                install_hint="pip install -e '.[onnxruntime]'", remote=True),
     BackendInfo("openvino", "edgekit.backends.openvino:OpenVinoBackend", ".xml",
                 packages=("openvino", "nncf"),
                 imports=(("openvino", "openvino", "OpenVINO runtime + converter"),
                          ("nncf", "nncf", "NNCF post-training quantization")),
-                install_hint="pip install 'edgekit[openvino]'"),
+                install_hint="pip install -e '.[openvino]'"),
     BackendInfo("litert", "edgekit.backends.litert:LiteRtBackend", ".tflite",
                 packages=("litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torchao"),
                 imports=(("litert_torch", "litert-torch", "PyTorch -> .tflite converter"),
                          ("ai_edge_litert", "ai-edge-litert", "LiteRT interpreter (successor of tflite-runtime)")),
-                install_hint="pip install 'edgekit[litert]'"),
+                install_hint="pip install -e '.[litert]'"),
 )}
 
 

@@ -1,6 +1,6 @@
 """The latency harness every backend shares: timed calls, their statistics, interleaved A/B timing.
 
-``measure`` runs in its own process per artifact (see ``edgekit.run.worker``), so peak RSS is that
+``measure`` runs in its own process per artifact (see ``edgekit.orchestrate.worker``), so peak RSS is that
 artifact's runtime footprint (interpreter + runtime + model), comparable between fp32 and optimized.
 """
 from __future__ import annotations

@@ -150,7 +150,7 @@ def timed_interleaved(runners: dict, feed, *, threads: Optional[int], warmup: in
                       min_rounds: int, max_seconds: float, interval: float, pinned: Optional[list[int]] = None,
                       baseline: Optional[str] = None, max_rounds: int = 400) -> dict:
     """Warm every loaded runner up, time them in interleaved rounds (``rounds``) with the conditions
-    recorded. Returns the ``edgekit.run.jobs.TimeResult`` fields. ``pinned``: the cores
+    recorded. Returns the ``edgekit.orchestrate.jobs.TimeResult`` fields. ``pinned``: the cores
     ``pin_to_free_cores`` chose, called BEFORE the runners were loaded, so that the threads a runtime
     starts (OpenVINO's streams, thread pools) inherit the affinity."""
 

@@ -13,8 +13,8 @@ from edgekit.errors import InputError, TargetError
 from edgekit.progress import say
 from edgekit.release.baseline import REMEASURE
 from edgekit.report.schema import TargetRow
-from edgekit.run.jobs import ABJob, MeasureJob
-from edgekit.run.worker import run_in_worker
+from edgekit.orchestrate.jobs import ABJob, MeasureJob
+from edgekit.orchestrate.worker import run_in_worker
 
 
 def confirm_latency(recipe: Recipe, row: TargetRow, out: Path, baseline_report: Path, prev: TargetRow,

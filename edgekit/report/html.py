@@ -3,7 +3,7 @@
 Target table, fp32-vs-optimized latency distributions per target (box = quartiles, line = p50,
 whiskers = min..p99, from the stats in report.json), metric vs latency scatter, size bars, gates.
 A failed target, or one without latency, is a table row with its reason and is left out of the plots
-that need the missing numbers. Needs matplotlib (``pip install 'edgekit[report]'``); without it the
+that need the missing numbers. Needs matplotlib (``pip install 'edgekit-deploy[report]'``); without it the
 file is still written, with the table and a note instead of plots.
 """
 from __future__ import annotations
@@ -154,7 +154,7 @@ def render(doc: Report) -> str:
         fig_html = "\n".join(f'<div class="fig"><h3>{_e(t)}</h3>{img}</div>' for t, img in figs) or \
             "<p>No measured latency or sizes to plot.</p>"
     except ImportError:
-        fig_html = "<p>Plots need matplotlib: <code>pip install 'edgekit[report]'</code>.</p>"
+        fig_html = "<p>Plots need matplotlib: <code>pip install 'edgekit-deploy[report]'</code>.</p>"
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>edgekit report: {_e(m.name)}</title><style>{CSS}</style></head><body>",

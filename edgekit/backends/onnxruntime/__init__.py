@@ -262,10 +262,10 @@ class OnnxRuntimeBackend(Backend):
         lines = [f"onnxruntime execution providers: {', '.join(ort.get_available_providers())}"]
         if installed("onnxruntime-gpu") and installed("onnxruntime"):
             lines.append("  WARNING: onnxruntime and onnxruntime-gpu are both installed; they share the import "
-                         "name and one silently wins. Use a separate environment for edgekit[onnxruntime-gpu].")
+                         "name and one silently wins. Use a separate environment for edgekit-deploy[onnxruntime-gpu].")
         elif "CUDAExecutionProvider" not in ort.get_available_providers():
             lines.append("  no CUDA provider: GPU latency cannot be measured here. For a GPU box: a separate "
-                         "venv with edgekit[onnxruntime-gpu].")
+                         "venv with edgekit-deploy[onnxruntime-gpu].")
         return lines
 
     def unmeasurable_reason(self, runtime: RuntimeOptions) -> Optional[str]:

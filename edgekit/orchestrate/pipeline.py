@@ -4,7 +4,7 @@ Nothing is written before the inputs are validated, and the output directory app
 report is complete: work happens in a private ``.<out>.partial-*`` folder, renamed at the end (removed on
 error or signal). One run per output directory at a time (``<out>.lock``); edgekit replaces only folders
 it wrote (``MARKER``), and keeps the one it replaces as ``<out>.prev``.
-Each target's toolchain work runs in worker processes (``edgekit.run.worker``); a failed target becomes a
+Each target's toolchain work runs in worker processes (``edgekit.orchestrate.worker``); a failed target becomes a
 ``failed`` row and the other targets still run.
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ from edgekit.release import gates
 from edgekit.report import manifest, write as write_report
 from edgekit.report.markdown import summary_line
 from edgekit.report.schema import ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow, Timing
-from edgekit.run.cache import Cache, Keys
-from edgekit.run.jobs import (BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec,
+from edgekit.orchestrate.cache import Cache, Keys
+from edgekit.orchestrate.jobs import (BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec,
                               TimeJob, TimeResult)
-from edgekit.run.worker import run_in_worker
+from edgekit.orchestrate.worker import run_in_worker
 
 
 @dataclass
@@ -102,7 +102,7 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         out: Optional[str | Path] = None, device: Optional[str] = None,
         cache: Optional[Cache] = None) -> Report:
     """Run the whole pipeline; return the report (also written to ``<out>/report.json``).
-    ``cache``: see ``edgekit.run.cache`` (default: the user's cache, re-measuring cached builds)."""
+    ``cache``: see ``edgekit.orchestrate.cache`` (default: the user's cache, re-measuring cached builds)."""
     from edgekit.inputs.data import check_disjoint, load_calibration, load_evaluation
     from edgekit.inputs.model import check_forward, configure_torch, load_model
 

@@ -1,14 +1,15 @@
 """Worker processes: the heavy, crash-prone toolchain work runs here, one process per job, so a
 native crash in one toolchain fails one target instead of the run.
 
-``python -m edgekit.run.worker build JOB.json``   prune, export fp32, quantize (+ search) one target
-``python -m edgekit.run.worker measure JOB.json`` load one artifact, run the evaluation set, benchmark it
-``python -m edgekit.run.worker time JOB.json``    time every artifact of a target interleaved
-``python -m edgekit.run.worker ab JOB.json``      time a baseline and a current artifact interleaved
+``python -m edgekit.orchestrate.worker build JOB.json``   prune, export fp32, quantize (+ search) one target
+``python -m edgekit.orchestrate.worker measure JOB.json`` load one artifact, run the evaluation set, benchmark it
+``python -m edgekit.orchestrate.worker time JOB.json``    time every artifact of a target interleaved
+``python -m edgekit.orchestrate.worker ab JOB.json``      time a baseline and a current artifact interleaved
 
-The job file is ``{"job": <edgekit.run.jobs model>, "result": PATH}``; the worker writes
+The job file is ``{"job": <edgekit.orchestrate.jobs model>, "result": PATH}``; the worker writes
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ..., "traceback": ...}`` to PATH.
-``run_in_worker`` is the parent's side: it starts one, streams its stderr and returns the typed result.
+``run_in_worker`` is the parent's side: it starts one, streams edgekit's own lines of its stderr to ours
+(all of it to the target's log) and returns the typed result.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from edgekit.errors import InputError, TargetError
 from edgekit.progress import say, step
-from edgekit.run.jobs import (ABJob, ABResult, BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult,
+from edgekit.orchestrate.jobs import (ABJob, ABResult, BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult,
                               PruneEval, SearchSpec, TimeJob, TimeResult)
 
 KINDS = {"build": (BuildJob, BuildResult), "measure": (MeasureJob, MeasureResult), "time": (TimeJob, TimeResult),
@@ -41,16 +42,21 @@ def run_in_worker(kind: str, job, stem: Path, log: Path):
     job_file = Path(str(stem) + ".job.json")
     job_file.write_text(json.dumps({"job": job.model_dump(mode="json"), "result": str(result_path)}))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    tail = b""
+    tail, pending = b"", b""
     with open(log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "edgekit.run.worker", kind, str(job_file)],
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit.orchestrate.worker", kind, str(job_file)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         try:
             for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-                logf.write(chunk)
+                logf.write(chunk)  # everything goes to the target's log
                 tail = (tail + chunk)[-4000:]
+                *lines, pending = (pending + chunk).split(b"\n")
+                mine = [ln for ln in lines if _is_edgekit_line(ln)]  # the terminal gets edgekit's own lines
+                if mine:
+                    sys.stderr.buffer.write(b"\n".join(mine) + b"\n")
+                    sys.stderr.flush()
+            if _is_edgekit_line(pending):
+                sys.stderr.buffer.write(pending + b"\n")
             rc = proc.wait()
         except BaseException:
             proc.kill()
@@ -66,6 +72,12 @@ def run_in_worker(kind: str, job, stem: Path, log: Path):
                 logf.write(answer["traceback"])
         raise TargetError(answer["error"])
     return KINDS[kind][1].model_validate(answer["result"])
+
+
+def _is_edgekit_line(line: bytes) -> bool:
+    """edgekit's step lines (``[target] ...``, ``[model] ...``) and warnings; third-party output
+    (toolchain warnings, absl/oneDNN banners, converter chatter) stays in the target's log."""
+    return line.startswith(b"[") or line.startswith(b"WARNING: cache") or line.startswith(b"edgekit")
 
 
 # -- build ---------------------------------------------------------------------------------------------
