@@ -38,6 +38,9 @@ def test_registry_entry_describes_the_toolchain(built):
         assert importlib.metadata.version(dist) and what
         __import__(mod)
     assert set(b.backend.versions()) == set(info.packages) and info.install_hint.startswith("pip install")
+    # what load() needs, importable before the timing worker pins itself (edgekit.measure.timing)
+    assert b.backend.RUNTIME_MODULES
+    b.backend.import_runtime()
 
 
 def test_artifacts_list_their_files_and_load_into_a_complete_runner(built):

@@ -364,9 +364,9 @@ def chromium() -> str:
     pytest.skip("chromium not installed (apt-get install -y chromium); required when CI is set")
 
 
-def dump_dom(html_file: Path, tmp_path: Path) -> str:
+def dump_dom(html_file: Path, tmp_path: Path, window: str = "800,600") -> str:
     p = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--disable-sync", "--no-first-run",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size={window}",
                         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", html_file.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -384,7 +384,13 @@ def test_report_html_opens_in_headless_chromium(cold, tmp_path):
     assert "edgekit report: tiny_multimodal" in dom
     for t in TARGETS:
         assert f"<td>{t}</td>" in dom
-    assert "p50 optimized (ms)" in dom and "Latency distributions" in dom and "Artifact sizes" in dom
+    assert "p50 fp32 → opt (ms)" in dom and "Latency distributions" in dom and "Artifact sizes" in dom
+    assert dom.count("★ best") == 1 and 'class="best"' in dom  # the best target within its gates
+    for t in TARGETS:  # every artifact linked, and the per-target details report.md has
+        assert f'href="artifacts/{t}/' in dom and f"<h3>{t} (" in dom
+    assert dom.count("p99") >= 6 and "peak RSS" in dom and "load " in dom and "quantize search" in dom
+    wide = dump_dom(page, tmp_path, window="1280,2000")  # laid out for a 1280 px window: nothing overflows
+    assert int(wide.split('data-scroll-width="')[1].split('"')[0]) <= 1280
 
 
 def test_report_html_renders_a_failed_and_an_unmeasured_target(tmp_path):

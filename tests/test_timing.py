@@ -244,3 +244,52 @@ def test_terminal_summary_is_an_aligned_table_with_the_best_target_within_gates_
     starts = {ln.index(ln.split()[2]) for ln in lines[2:5]}  # the p50 column starts at one offset in every row
     assert len(starts) == 1
     assert "ort-cpu: noisy timing (other processes used 1.01 cores during timing)" in text
+
+
+def test_pinning_reaches_threads_a_runtime_already_started():
+    import os
+    import threading
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and 2 cores")
+    before = os.sched_getaffinity(0)
+    started, stop = threading.Event(), threading.Event()
+    tid = []
+
+    def worker():  # stands for an inference thread OpenVINO starts when it compiles a model
+        tid.append(threading.get_native_id())
+        started.set()
+        stop.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    started.wait(5)
+    try:
+        chosen = timing.pin_to_free_cores(1)
+        assert chosen is not None and len(chosen) == 1
+        assert os.sched_getaffinity(0) == set(chosen) and os.sched_getaffinity(tid[0]) == set(chosen)
+    finally:
+        stop.set()
+        t.join()
+        os.sched_setaffinity(0, before)
+
+
+def test_pooling_two_processes_puts_their_spread_into_the_interval():
+    """Two made-up processes whose speed-ups differ by 10 % (memory layout), each tight on its own."""
+    def session(ratio, cpu):
+        fp = [[4e-3] * 5 for _ in range(10)]
+        op = [[4e-3 / (ratio * (1 + 0.002 * (i % 3)))] * 5 for i in range(10)]
+        one = timing.from_blocks({"fp32": fp, "optimized": op}, "fp32", 0.05)
+        return {**one, "blocks": {"fp32": fp, "optimized": op}, "seconds": 1.0, "warmup_calls": {},
+                "conditions": {"others_cpu": cpu, "steal": 0.0, "affinity": [1], "pinned": True,
+                               "cpu_share": {"fp32": 1.0, "optimized": 0.97}, "load_before": [1.0]}}
+
+    a, b = session(4.0, 0.01), session(4.4, 0.6)
+    alone = timing.ratio_summary(a["latency"]["fp32"].get("rounds_p50"), a["latency"]["optimized"]["rounds_p50"])
+    assert alone["ci"][1] < 4.1  # one process alone never sees 4.4
+    pooled = timing.merge_sessions([a, b], "fp32", 0.05)
+    s = timing.ratio_summary(pooled["latency"]["fp32"]["rounds_p50"], pooled["latency"]["optimized"]["rounds_p50"])
+    assert pooled["rounds"] == 20 and s["ci"][0] <= 4.05 and s["ci"][1] >= 4.35
+    assert pooled["conditions"]["others_cpu"] == 0.6 and pooled["conditions"]["sessions"] == 2
+    assert pooled["stopped"].startswith("2 fresh processes") and pooled["seconds"] == 2.0
+    assert timing.merge_sessions([a], "fp32", 0.05) is a

@@ -187,6 +187,16 @@ class Backend(ABC):
     @abstractmethod
     def quantize(self, fp32: Artifact, calibration, out: Path, opts: Options) -> Artifact: ...
 
+    RUNTIME_MODULES: tuple[str, ...] = ()
+    """What ``load`` imports. The timing worker imports them before it pins itself to a core
+    (``import_runtime``): a runtime sizes its kernels from the cores it sees at import."""
+
+    def import_runtime(self) -> None:
+        import importlib
+
+        for mod in self.RUNTIME_MODULES:
+            importlib.import_module(mod)
+
     @abstractmethod
     def load(self, path: Path, runtime: Options) -> Runner: ...
 

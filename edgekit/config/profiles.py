@@ -35,6 +35,18 @@ class BenchSettings(BaseModel):
     """Wanted half-width of each speed-up's 95 % interval, relative to its median."""
     pin: bool = True
     """Pin the timing process to the least busy core(s) when there are more cores than threads."""
+    floor: float = Field(default=0.03, ge=0, lt=1)
+    """The smallest relative half-width a reported interval gets. Speed-ups of one artifact pair timed
+    in separate runs of this 2-core machine spread by 2-3 % (process to process; idle vs one core busy:
+    LiteRT 4.42-4.59x idle, 4.50-4.57x busy, each run's own interval about ±1 %), which the rounds of
+    one run cannot see."""
+    noisy_floor: float = Field(default=0.06, ge=0, lt=1)
+    """``floor`` for a run flagged noisy: load shifts a speed-up, not only its spread (one core kept
+    busy moved the quick example's LiteRT speed-up from 4.36x to 4.38-4.52x, ORT by 2 %, OpenVINO 2 %)."""
+    sessions: int = Field(default=2, ge=1)
+    """Fresh timing processes whose rounds are pooled: a process's memory layout moves a speed-up by a
+    few percent (measured on the quick example's LiteRT target: 4.14-4.60x between processes on one
+    machine, each with an interval of about ±2 %)."""
 
     @property
     def per_round(self) -> int:

@@ -142,6 +142,8 @@ class TimeJob(_Job):
 class TimeResult(BaseModel):
     latency: dict[str, Latency]
     """Per artifact: stats over all timed calls, its per-round p50s and their interval."""
+    blocks: dict[str, list[list[float]]] = {}
+    """Per artifact, the seconds of every call, one list per round (to pool several processes' rounds)."""
     rounds: int
     stopped: str
     stable: bool

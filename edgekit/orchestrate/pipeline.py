@@ -283,7 +283,7 @@ def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row
     """Time every measurable artifact of the target interleaved (``edgekit.measure.timing``): in one
     fresh worker process here, or in one process on the board for an ``ssh:`` device. Fills each
     artifact's ``latency_ms`` and the row's ``timing`` (rounds, speed-ups with their intervals, noise)."""
-    from edgekit.measure.timing import from_blocks, noise_reasons, ratio_summary
+    from edgekit.measure.timing import from_blocks, merge_sessions, noise_reasons, ratio_summary, widen
 
     arts = dict(row.artifacts())
     kinds = [k for k, _ in built.artifacts() if k in arts and arts[k].latency_reason is None]
@@ -298,25 +298,36 @@ def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row
         res = {**from_blocks(timed["blocks"], base, b.interval), "conditions": {"threads": runtime.threads}}
         method = f"interleaved rounds in one process on {prof.device}"
     else:
-        say(f"[{prof.name}] benchmark {', '.join(kinds)}: interleaved rounds until each speed-up's 95 % "
-            f"interval is within ±{b.interval:.0%} (at most {b.max_seconds:g} s)")
+        say(f"[{prof.name}] benchmark {', '.join(kinds)}: interleaved rounds in {b.sessions} fresh process(es) "
+            f"until each speed-up's 95 % interval is within ±{b.interval:.0%} (at most {b.max_seconds:g} s)")
         recipe = shared.recipe
         job = TimeJob(backend=prof.backend, runtime=runtime.model_dump(), artifacts={k: files[k].path for k in kinds},
                       eval=str(recipe.resolve(recipe.data.evaluation)), inputs=[i.name for i in recipe.model.inputs],
                       warmup=b.warmup, per_round=b.per_round, min_rounds=b.min_rounds, max_seconds=b.max_seconds,
                       interval=b.interval, pin=b.pin)
-        key = shared.keys.measure(build_key, "timing", job.identity(), machine()) if shared.keys else ""
-        res, hit = shared.cache.measure(key, None, lambda: run_in_worker("time", job, work / "time", log)
-                                        .model_dump(mode="json"))
+        key = shared.keys.measure(build_key, "timing", {**job.identity(), "sessions": b.sessions},
+                                  machine()) if shared.keys else ""
+        share = job.model_copy(update={"max_seconds": b.max_seconds / b.sessions})
+
+        def sessions() -> dict:
+            done = [run_in_worker("time", share, work / f"time{i}", log).model_dump(mode="json")
+                    for i in range(b.sessions)]
+            return merge_sessions(done, base, b.interval)
+
+        res, hit = shared.cache.measure(key, None, sessions)
         if hit:
             row.cache["measure"]["timing"] = "reused"
-        method = "interleaved rounds in one process"
+        method = ("interleaved rounds in one process" if b.sessions == 1 else
+                  f"interleaved rounds in each of {b.sessions} fresh processes, pooled")
     timed = TimeResult.model_validate(res)
+    noise = noise_reasons(timed.conditions, timed.stable, timed.stopped)
+    floor = b.noisy_floor if noise else b.floor  # intervals at least ±floor wide (BenchSettings)
     for kind, lat in timed.latency.items():
-        arts[kind].latency_ms = lat
+        arts[kind].latency_ms = lat.model_copy(update={"ci": widen(lat.ci, lat.p50, floor)} if lat.ci else {})
     speedups = {k: ratio_summary(timed.latency[base].rounds_p50, timed.latency[k].rounds_p50)
                 for k in kinds if base and k != base}
-    noise = noise_reasons(timed.conditions, timed.stable, timed.stopped)
+    for s in speedups.values():
+        s["ci_rounds"], s["ci"] = s["ci"], widen(s["ci"], s["median"], floor)
     row.timing = Timing(method=method, rounds=timed.rounds, stopped=timed.stopped, stable=timed.stable,
                         seconds=timed.seconds, noisy=bool(noise), noise=noise, speedups=speedups,
                         conditions=timed.conditions)

@@ -263,7 +263,8 @@ def time_target(job: TimeJob) -> TimeResult:
     threads = getattr(runtime, "threads", None)
     with np.load(job.eval, allow_pickle=False) as z:
         feed = {k: z[k][:1] for k in job.inputs}
-    pinned = pin_to_free_cores(threads) if job.pin else None  # before loading: runtime threads inherit it
+    backend.import_runtime()  # import, then pin, then load: see pin_to_free_cores
+    pinned = pin_to_free_cores(threads) if job.pin else None
     runners = {kind: backend.load(Path(path), runtime) for kind, path in job.artifacts.items()}
     res = timed_interleaved(runners, feed, threads=threads, warmup=job.warmup, per_round=job.per_round,
                             min_rounds=job.min_rounds, max_seconds=job.max_seconds, interval=job.interval,

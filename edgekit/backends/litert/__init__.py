@@ -183,6 +183,8 @@ class LiteRtBackend(Backend):
     def keep_in_float(self, opts: QuantizeOptions, units: Sequence[str]) -> QuantizeOptions:
         return opts.model_copy(update={"float_modules": sorted(set(opts.float_modules) | set(units))})
 
+    RUNTIME_MODULES = ("ai_edge_litert.interpreter",)
+
     def load(self, path: Path, runtime: RuntimeOptions):
         self.require("ai_edge_litert")
         from ai_edge_litert.interpreter import Interpreter, OpResolverType

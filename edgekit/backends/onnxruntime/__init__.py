@@ -221,6 +221,8 @@ class OnnxRuntimeBackend(Backend):
         return {"fp16": Artifact(path=path, precision="fp16 (weights and compute; float32 I/O)",
                                  details={"keep_io_types": True})}
 
+    RUNTIME_MODULES = ("onnxruntime",)
+
     def load(self, path: Path, runtime: RuntimeOptions):
         ort = self.require("onnxruntime")
         so = ort.SessionOptions()

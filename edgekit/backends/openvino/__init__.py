@@ -161,6 +161,8 @@ class OpenVinoBackend(Backend):
                                                       "validate_names": False})
         return opts.model_copy(update={"ignored_scope": scope})
 
+    RUNTIME_MODULES = ("openvino",)
+
     def load(self, path: Path, runtime: RuntimeOptions):
         ov = self.require("openvino")
         config = {"INFERENCE_PRECISION_HINT": runtime.inference_precision,
