@@ -115,3 +115,17 @@ def test_doctor_is_quiet_and_names_the_fix_for_a_missing_or_broken_package(tmp_p
     monkeypatch.setattr(doctor, "_version", lambda d: "1.0" if d == "broken-dist" else real(d))
     deep = doctor.report(deep=True)
     assert "broken-dist      BROKEN 1.0: RuntimeError: half installed" in deep and "  broken-dist: pip install y" in deep
+
+
+def test_a_worker_reports_its_progress_in_quarters_for_the_parent_to_show(monkeypatch, capsys):
+    from edgekit import progress
+
+    monkeypatch.setenv(progress.PREFIX_ENV, "[ort-cpu] verify fp32")
+    assert list(progress.bar(range(8), 8, "verify")) == list(range(8))
+    progress.note("12 rounds in 0.6 s")
+    assert capsys.readouterr().err.splitlines() == [
+        "[ort-cpu] verify fp32: 2/8", "[ort-cpu] verify fp32: 4/8", "[ort-cpu] verify fp32: 6/8",
+        "[ort-cpu] verify fp32: 8/8", "[ort-cpu] verify fp32: 12 rounds in 0.6 s"]
+    monkeypatch.delenv(progress.PREFIX_ENV)
+    progress.note("outside a worker: nothing")
+    assert list(progress.bar(range(3), 3, "x")) == [0, 1, 2] and capsys.readouterr().err == ""

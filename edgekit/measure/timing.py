@@ -181,6 +181,9 @@ def timed_interleaved(runners: dict, feed, *, threads: Optional[int], warmup: in
     res = rounds(block, list(runners), per_round=per_round, min_rounds=min_rounds, max_rounds=max_rounds,
                  max_seconds=max_seconds, baseline=baseline, rel_halfwidth=interval)
     cond = conditions(before, snapshot())
+    from edgekit.progress import note
+
+    note(f"{res['rounds']} rounds in {res['seconds']:.1f} s, {res['stopped'].split(' after')[0]}")
     latency = {name: latency_of(res["times"][name], res["rounds_p50"][name]) for name in runners}
     # CPU time / wall time of the timed calls: below 1 the process waited for its core (preempted); with
     # one compute thread that is time another process took, and it lengthens long calls more than short ones

@@ -249,7 +249,8 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
 
     def measure() -> dict:
         known = bool(okey) and shared.cache.outputs(okey, Path(job.outputs))  # verified before: time only
-        res = run_in_worker("measure", job.model_copy(update={"verify": not known}), work / f"measure_{kind}", log)
+        res = run_in_worker("measure", job.model_copy(update={"verify": not known}), work / f"measure_{kind}", log,
+                            progress=f"[{prof.name}] verify {kind}")
         if not known and okey:
             shared.cache.keep_outputs(okey, Path(job.outputs))
         row.cache["measure"][kind] = "timed (outputs cached)" if known else "measured"
@@ -310,7 +311,8 @@ def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row
         share = job.model_copy(update={"max_seconds": b.max_seconds / b.sessions})
 
         def sessions() -> dict:
-            done = [run_in_worker("time", share, work / f"time{i}", log).model_dump(mode="json")
+            done = [run_in_worker("time", share, work / f"time{i}", log,
+                                  progress=f"[{prof.name}] benchmark, process {i + 1}/{b.sessions}").model_dump(mode="json")
                     for i in range(b.sessions)]
             return merge_sessions(done, base, b.interval)
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -35,13 +36,16 @@ KINDS = {"build": (BuildJob, BuildResult), "measure": (MeasureJob, MeasureResult
 
 # -- the parent's side ----------------------------------------------------------------------------------
 
-def run_in_worker(kind: str, job, stem: Path, log: Path):
+def run_in_worker(kind: str, job, stem: Path, log: Path, progress: Optional[str] = None):
     """Run one worker process; stream its stderr to ours and to the target's log; return its result
-    (``KINDS[kind][1]``). A failure or crash raises TargetError with the worker's reason."""
+    (``KINDS[kind][1]``). A failure or crash raises TargetError with the worker's reason. ``progress``:
+    the step its progress lines belong to (``edgekit.progress.PREFIX_ENV``)."""
+    from edgekit.progress import PREFIX_ENV
+
     result_path = Path(str(stem) + ".result.json")
     job_file = Path(str(stem) + ".job.json")
     job_file.write_text(json.dumps({"job": job.model_dump(mode="json"), "result": str(result_path)}))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({PREFIX_ENV: progress} if progress else {})}
     tail, pending = b"", b""
     with open(log, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "edgekit.orchestrate.worker", kind, str(job_file)],
