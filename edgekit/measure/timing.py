@@ -68,11 +68,6 @@ def widen(ci: list[float], med: float, floor: float) -> list[float]:
     return [round(min(ci[0], med * (1 - floor)), 4), round(max(ci[1], med * (1 + floor)), 4)]
 
 
-def within(med: float, lo: float, hi: float, rel_halfwidth: float) -> bool:
-    """Whether the interval lies within ``±rel_halfwidth`` of the median."""
-    return lo >= med * (1 - rel_halfwidth) and hi <= med * (1 + rel_halfwidth)
-
-
 def ratio_summary(base_rounds: Sequence[float], other_rounds: Sequence[float]) -> dict:
     """Speed-up of ``other`` over ``base`` from per-round p50s: median of the per-round ratios and its
     interval."""

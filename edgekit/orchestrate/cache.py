@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit import __version__
+from edgekit.report.manifest import sha256 as _sha256  # not memoized: entries are checked as they are now
 
 _HASH_CACHE: dict[tuple, str] = {}
 _SOURCE: dict[str, str] = {}
@@ -44,25 +45,13 @@ def default_root() -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, memoized per (path, size, mtime) within the process."""
     p = Path(path)
     st = p.stat()
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASH_CACHE[memo] = h.hexdigest()
+        _HASH_CACHE[memo] = _sha256(p)
     return _HASH_CACHE[memo]
-
-
-def _sha256(path: Path) -> str:
-    """Not memoized: a cache entry's bytes are checked as they are now."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(entry: Path) -> list[str]:
