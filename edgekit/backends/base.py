@@ -31,6 +31,20 @@ def first_lines(e: BaseException, n: int = 6) -> str:
     return "\n".join(str(e).strip().splitlines()[:n])
 
 
+def named_in(message: str, names: dict[str, str]) -> list[str]:
+    """The units whose names (``names``: a name the toolchain may print -> the unit it belongs to) occur
+    in ``message`` as whole names (not as part of a longer name), longest names first."""
+    import re
+
+    found, text = set(), message
+    for name in sorted((n for n in names if len(n) >= 2), key=len, reverse=True):
+        pattern = re.compile(r"(?<![\w/.:-])" + re.escape(name) + r"(?![\w/-]|[.:]\w)")  # "name:" or "name." ends it
+        if pattern.search(text):
+            found.add(names[name])
+            text = pattern.sub(" ", text)
+    return sorted(found)
+
+
 def synthetic_array(shape: Sequence[int], dtype, rng: np.random.Generator) -> np.ndarray:
     """A stand-in input for `edgekit bench` without data: floats ~ N(0, 1), integers 1 (a valid token
     id and an all-ones mask)."""
@@ -231,6 +245,12 @@ class Backend(ABC):
 
     def float_units(self, opts: Options) -> list[str]:
         """The units ``opts`` keeps out of int8."""
+        return []
+
+    def units_of_error(self, fp32: Artifact, opts: Options, message: str) -> list[str]:
+        """The units a failed ``quantize``'s message names (a node, a tensor, a source line), as
+        ``keep_in_float`` takes them: the conversion-error rescue (``edgekit.quantize.rescue``) keeps
+        them in float and retries. [] when the message names none."""
         return []
 
     def keep_in_float(self, opts: Options, units: Sequence[str]) -> Options:

@@ -91,6 +91,7 @@ def build(job: BuildJob) -> BuildResult:
     from edgekit.config.profiles import load_profile
     from edgekit.config.recipe import load_recipe
     from edgekit.inputs.data import load_calibration
+    from edgekit.inputs import exportable
     from edgekit.inputs.model import configure_torch, example_inputs, load_model
 
     recipe = load_recipe(job.recipe)
@@ -104,9 +105,24 @@ def build(job: BuildJob) -> BuildResult:
     calib = load_calibration(recipe)
     args = example_inputs(recipe.model.inputs, calib.sample(0))
 
+    rewrite_ops: list[str] = []  # ops this toolchain failed on that an exact module rewrite avoids
+
     def export(m, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
-        return backend.export_fp32(m, args, recipe.model.inputs, folder, export_opts)
+        m, names = exportable.rewrite_ops(m, rewrite_ops) if rewrite_ops else (m, [])
+        try:
+            art = backend.export_fp32(m, args, recipe.model.inputs, folder, export_opts)
+        except TargetError as e:
+            new, names = exportable.rewrite(m, str(e))
+            if not names:
+                raise
+            rewrite_ops.extend(op for op in exportable.REWRITES if op in str(e))
+            say(f"[{profile.name}] export: {str(e).splitlines()[0][:200]}: rewriting {', '.join(names)} "
+                f"exactly (edgekit.inputs.exportable) and exporting again")
+            art = backend.export_fp32(new, args, recipe.model.inputs, folder, export_opts)
+        if names:
+            art.details["exact_rewrites"] = {"modules": names, "ops": list(rewrite_ops)}
+        return art
 
     result = BuildResult()
     pruned = None
@@ -157,9 +173,12 @@ def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str)
     (``edgekit.quantize.quality``). Returns (what it was built with, the artifact)."""
     from edgekit.quantize.quality import prepare
 
+    from edgekit.quantize import rescue
+
     start = prepare(backend, fp32, opts, model, calib, lambda m, name: export(m, out / "rewritten" / name),
                     tag=f"[{target}] quantize")
-    return start, backend.quantize(start.source or fp32, calib, out, start.opts)
+    art, start.opts = rescue.quantize(backend, start.source or fp32, calib, out, start.opts, tag=f"[{target}] quantize")
+    return start, art
 
 
 def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib, out: Path, model, export):
@@ -186,6 +205,7 @@ def _unpruned_like_shipped(result: BuildResult, backend, fp32, model, calib, out
     """Rebuild the ``int8_unpruned`` reference with the options the search chose for the pruned model
     (same layers kept in float, by name; the same quality methods), so the latency comparison isolates
     what pruning adds."""
+    from edgekit.quantize import rescue
     from edgekit.quantize.quality import prepare
 
     for f in result.extras["int8_unpruned"].files:
@@ -194,8 +214,8 @@ def _unpruned_like_shipped(result: BuildResult, backend, fp32, model, calib, out
         folder = out / "unpruned_like_shipped"
         folder.mkdir(exist_ok=True)
         start = prepare(backend, fp32, chosen, model, calib, lambda m, name: export(m, folder / "rewritten" / name))
-        result.extras["int8_unpruned"] = BuiltArtifact.of(backend.quantize(start.source or fp32, calib, folder,
-                                                                          start.opts))
+        art, _ = rescue.quantize(backend, start.source or fp32, calib, folder, start.opts, tag=f"[{target}] quantize")
+        result.extras["int8_unpruned"] = BuiltArtifact.of(art)
         shutil.rmtree(folder / "rewritten", ignore_errors=True)
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from edgekit.measure.verify import score
 from edgekit.progress import say
+from edgekit.quantize import rescue
 from edgekit.quantize.quality import Start
 from edgekit.report.schema import SearchOutcome, SearchStep
 
@@ -316,7 +317,9 @@ def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate]) -> str:
         folder = out / "search" / f"step{i}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            art = ctx.backend.quantize(cand.source or fp32, ctx.calibration, folder, cand.opts)
+            art, cand.opts = rescue.quantize(ctx.backend, cand.source or fp32, ctx.calibration, folder, cand.opts,
+                                             tag=f"{ctx.tag} step {i}", deadline=ctx.start + ctx.time_budget_s)
+            cand.kept_float = sorted(set(cand.kept_float) | set(ctx.backend.float_units(cand.opts)))
             scored = ctx.evaluate(cand, art, 0.0)
         except Exception as e:  # noqa: BLE001 - a failed candidate is a step, not the target's failure
             say(f"{ctx.tag} step {i}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -159,6 +159,7 @@ def markdown(doc: Report) -> str:
                        f"load {a.load_ms:.0f} ms{rss}; fidelity to fp32 torch (verified on "
                        f"{a.verified_on or '?'}): cosine {f.cosine:.4f}, top-1 agreement "
                        f"{f.top1_agreement:.1%}")
+            out += rescues_md(a.details)
         if r.device_info:
             d = r.device_info
             out.append(f"- device {r.device}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
@@ -169,6 +170,18 @@ def markdown(doc: Report) -> str:
             out += prune_markdown(r, ev.metric)
         out.append("")
     return "\n".join(out)
+
+
+def rescues_md(details: dict) -> list[str]:
+    """What the conversion-error rescue (edgekit.quantize.rescue) kept in float, and the toolchain's reason;
+    which modules were exported through an exact rewrite (edgekit.inputs.exportable)."""
+    out = [f"  - kept in float after a conversion error: {', '.join(f'`{u}`' for u in r['kept_float'])}, because "
+           f"the toolchain said: `{r['because']}`" for r in details.get("conversion_rescues", [])]
+    if details.get("exact_rewrites"):
+        w = details["exact_rewrites"]
+        out.append(f"  - exported through an exact rewrite of {', '.join(f'`{m}`' for m in w['modules'])} (the "
+                   f"toolchain cannot convert `aten.{', aten.'.join(w['ops'])}`)")
+    return out
 
 
 def search_md(qs: SearchOutcome | None) -> list[str]:

@@ -11,6 +11,7 @@ its forward takes them as keywords); otherwise inputs are ``args_0..`` in recipe
 from __future__ import annotations
 
 import keyword
+import re
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -37,6 +38,13 @@ class QuantizeOptions(Options):
     """Modules left in float: ``inner.image.net._blocks.3`` = the ops directly in that module (what the
     accuracy search ranks and fills in), ``inner.image.*`` = a whole subtree. ``inner.`` is edgekit's
     wrapper around the recipe's model."""
+    float_lines: list[str] = []
+    """Source lines (``model.py:131``) whose ops, and the quantized ops reading them, stay float: what the
+    conversion-error rescue (``edgekit.quantize.rescue``) fills in from the converter's message."""
+    share_same_scale: bool = True
+    """Ops whose TFLite kernels need equal input and output scales (reshape, squeeze, transpose, slice,
+    ...) share their input's observer (``pt2e.share_same_scale_ops``); False = litert-torch's own, narrower
+    propagation, which the converter can reject ("violate the same scale constraint")."""
     float_attention: bool = False
     """Leave attention's activation x activation matmuls and the softmax chain between them in float:
     XNNPACK has no int8 BATCH_MATMUL, and TFLite's reference kernel then takes their time."""
@@ -102,7 +110,8 @@ class LiteRtBackend(Backend):
         prepare_pt2e, convert_pt2e = _pt2e()
         quantizer = make_quantizer(opts.per_channel, opts.fuse_conv_hardtanh, opts.float_modules,
                                    float_attention=opts.float_attention, pad_shared=opts.fold_pads,
-                                   conv_observer=opts.conv_observer)
+                                   conv_observer=opts.conv_observer, share_same_scale=opts.share_same_scale,
+                                   float_lines=opts.float_lines)
         names = list(kwargs)
         folded = 0
         try:
@@ -126,10 +135,11 @@ class LiteRtBackend(Backend):
                                  ("int8 embeddings", opts.int8_embedding)) if on]
         return Artifact(path=path, precision=f"int8 (PT2E static, {'per-channel' if opts.per_channel else 'per-tensor'}"
                         + "".join(f", {p}" for p in parts)
-                        + (f", {len(opts.float_modules)} modules float" if opts.float_modules else "") + ")",
+                        + (f", {len(opts.float_modules)} modules float" if opts.float_modules else "")
+                        + (f", {len(opts.float_lines)} source lines float" if opts.float_lines else "") + ")",
                         details={"per_channel": opts.per_channel, "calibration_samples": len(calibration),
                                  "fuse_conv_hardtanh": opts.fuse_conv_hardtanh, "float_modules": opts.float_modules,
-                                 "float_attention": opts.float_attention, "pads_folded": folded,
+                                 "float_lines": opts.float_lines, "float_attention": opts.float_attention, "pads_folded": folded,
                                  "conv_observer": opts.conv_observer, "int8_embedding": opts.int8_embedding,
                                  "io": io_details(path)},
                         state={"converted": gm})  # the reference-quantized graph the search ranks
@@ -178,10 +188,17 @@ class LiteRtBackend(Backend):
         return module_macs(converted, units) if converted is not None else {}
 
     def float_units(self, opts: QuantizeOptions) -> list[str]:
-        return list(opts.float_modules)
+        return list(opts.float_modules) + list(opts.float_lines)
 
     def keep_in_float(self, opts: QuantizeOptions, units: Sequence[str]) -> QuantizeOptions:
-        return opts.model_copy(update={"float_modules": sorted(set(opts.float_modules) | set(units))})
+        lines = {u for u in units if _SOURCE_LINE.fullmatch(u)}
+        return opts.model_copy(update={"float_modules": sorted(set(opts.float_modules) | (set(units) - lines)),
+                                       "float_lines": sorted(set(opts.float_lines) | lines)})
+
+    def units_of_error(self, fp32: Artifact, opts: QuantizeOptions, message: str) -> list[str]:
+        """The converter names the source line of the op it rejects (``model.py:131:0: error: 'tfl.reshape'
+        op quantization parameters violate the same scale constraint``): that line is the unit."""
+        return sorted({f"{f.rsplit('/', 1)[-1]}:{ln}" for f, ln in _ERROR_AT.findall(message)})
 
     RUNTIME_MODULES = ("ai_edge_litert.interpreter",)
 
@@ -232,6 +249,9 @@ class _Source:
     def __init__(self, model, kwargs: dict):
         self.model, self.kwargs = model, kwargs
 
+
+_SOURCE_LINE = re.compile(r"[\w.-]+\.py:\d+")
+_ERROR_AT = re.compile(r"([\w./-]+\.py):(\d+):\d+: error")
 
 WRAPPED = "inner"
 """The attribute under which ``_named`` wraps the recipe's model (module paths start with it)."""

@@ -33,7 +33,8 @@ def _under(fqn: str | None, modules: list[str]) -> bool:
 
 
 def make_quantizer(per_channel: bool, fuse_conv_hardtanh: bool, float_modules: list[str],
-                   float_attention: bool = False, pad_shared: bool = False, conv_observer: str = "default"):
+                   float_attention: bool = False, pad_shared: bool = False, conv_observer: str = "default",
+                   share_same_scale: bool = True, float_lines: list[str] = ()):
     """litert-torch's PT2EQuantizer (symmetric int8, per-channel weights, static) with edgekit's options:
     ``fuse_conv_hardtanh`` (below), ``float_modules`` left unannotated, ``float_attention`` (the
     activation x activation matmuls and the elementwise chain between them left float: XNNPACK has no
@@ -54,6 +55,9 @@ def make_quantizer(per_channel: bool, fuse_conv_hardtanh: bool, float_modules: l
             if conv_observer == "minmax":
                 _swap_conv_act_specs(model, self.global_config, _minmax_config(config), torch)
             drop = attention_core(model) if float_attention else set()
+            drop |= dynamic_weight_ops(model)
+            if float_lines:
+                drop |= nodes_at_lines(model, float_lines)
             for n in model.graph.nodes:
                 if n in drop or (float_modules and _under(_module_of(n), float_modules)):
                     n.meta.pop("quantization_annotation", None)
@@ -63,6 +67,8 @@ def make_quantizer(per_channel: bool, fuse_conv_hardtanh: bool, float_modules: l
             model = super().annotate(model)
             if pad_shared:
                 _annotate_pad_shared(model, torch)
+            if share_same_scale:
+                share_same_scale_ops(model)
             return model
 
     return EdgekitQuantizer().set_global(config)
@@ -120,6 +126,79 @@ def attention_core(gm) -> set:
                 core.add(u)
                 frontier.append(u)
     return core
+
+
+SAME_SCALE = ("view.default", "_unsafe_view.default", "reshape.default", "squeeze.default", "squeeze.dim",
+              "squeeze.dims", "unsqueeze.default", "transpose.int", "permute.default", "t.default",
+              "flatten.using_ints", "unflatten.int", "expand.default", "select.int", "slice.Tensor",
+              "narrow.default", "contiguous.default", "clone.default", "alias.default", "repeat.default",
+              "view_copy.default", "squeeze_copy.dim", "squeeze_copy.dims", "unsqueeze_copy.default",
+              "permute_copy.default", "transpose_copy.int", "slice_copy.Tensor", "select_copy.int",
+              "expand_copy.default")
+"""ATen ops that become TFLite RESHAPE / SQUEEZE / EXPAND_DIMS / TRANSPOSE / GATHER / SLICE /
+STRIDED_SLICE / BROADCAST_TO / TILE: kernels that require their int8 input and output to share one scale
+and zero point (the converter rejects "quantization parameters violate the same scale constraint")."""
+
+
+def share_same_scale_ops(gm) -> int:
+    """Each same-scale op (``SAME_SCALE``) whose input is quantized shares its input's observer, in graph
+    order so chains (transpose -> squeeze -> view) share one. litert-torch's own propagation covers
+    ``squeeze.dim``/``view``/``permute``/``flatten`` only, and stops at the first op it does not know:
+    ``q.squeeze(1)`` exports as ``squeeze.dims`` and got its own observer from the ``cat`` that reads
+    it. The XNNPACK quantizer shares the same way. Returns how many ops it annotated."""
+    from torch.fx import Node
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
+
+    shared = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or str(n.target).split("aten.")[-1] not in SAME_SCALE:
+            continue
+        prev = n.args[0] if n.args else None
+        ann = n.meta.get("quantization_annotation")
+        if not isinstance(prev, Node) or (ann is not None and ann._annotated):
+            continue
+        before = prev.meta.get("quantization_annotation")
+        if before is None or before.output_qspec is None:
+            continue
+        spec = SharedQuantizationSpec(prev)
+        n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={prev: spec}, output_qspec=spec,
+                                                                   _annotated=True)
+        shared += 1
+    return shared
+
+
+def dynamic_weight_ops(gm) -> set:
+    """Convolutions and linears whose weight is computed (a text-conditioned dynamic filter), not a
+    parameter: TFLite's int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED take constant per-channel
+    weights, and litert-torch's layout pass mis-transposes a quantized computed filter ("Given
+    groups=32, weight of size [32, 3, 3, 1] ... expected input[1, 32, 4, 4] to have 96 channels").
+    They stay float."""
+    import torch
+    from torch.fx import Node
+
+    A = torch.ops.aten
+    ops = (A.conv1d.default, A.conv2d.default, A.convolution.default, A.linear.default)
+    return {n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops and len(n.args) > 1
+            and isinstance(n.args[1], Node) and n.args[1].op != "get_attr"}
+
+
+def nodes_at_lines(gm, lines) -> set:
+    """The nodes traced from any of ``lines`` (``file.py:LINE``: a source line as the converter's errors
+    name it; matched on the file's name and the line of any frame of the node's stack trace), and the
+    nodes that read them: leaving both unannotated keeps that code and its quantized readers in float."""
+    import re
+
+    wanted = set()
+    for spec in lines:
+        file, _, line = spec.rpartition(":")
+        wanted.add((file.rsplit("/", 1)[-1], int(line)))
+    hit = set()
+    for n in gm.graph.nodes:
+        trace = n.meta.get("stack_trace") or ""
+        frames = {(f.rsplit("/", 1)[-1], int(ln)) for f, ln in re.findall(r'File "([^"]+)", line (\d+)', trace)}
+        if frames & wanted:
+            hit.add(n)
+    return hit | {u for n in hit for u in n.users if u.op == "call_function"}
 
 
 def _annotate_pad_shared(gm, torch) -> None:

@@ -16,7 +16,7 @@ from typing import Literal, Optional, Sequence, Union
 import numpy as np
 
 from edgekit.measure.machine import has_vnni
-from edgekit.backends.base import Artifact, Backend, Fix, Options, first_lines, synthetic_array
+from edgekit.backends.base import Artifact, Backend, Fix, Options, first_lines, named_in, synthetic_array
 from edgekit.errors import TargetError
 from edgekit.progress import bar, say
 
@@ -205,6 +205,21 @@ class OnnxRuntimeBackend(Backend):
 
     def keep_in_float(self, opts: QuantizeOptions, units: Sequence[str]) -> QuantizeOptions:
         return opts.model_copy(update={"nodes_to_exclude": sorted(set(opts.nodes_to_exclude) | set(units))})
+
+    def units_of_error(self, fp32: Artifact, opts: QuantizeOptions, message: str) -> list[str]:
+        """ONNX Runtime's quantizer names a node or a tensor (``Expected W to be an initializer``): the
+        node, or the nodes that read the named tensor (its producer when nothing reads it)."""
+        onnx = self.require("onnx")
+        nodes = [n for n in onnx.load(str(fp32.path), load_external_data=False).graph.node if n.name]
+        touching: dict[str, set[str]] = {}
+        for n in nodes:
+            for t in n.input:
+                touching.setdefault(t, set()).add(n.name)
+        for n in nodes:
+            for t in n.output:
+                touching.setdefault(t, {n.name})
+        named = named_in(message, {**{t: t for t in touching}, **{n.name: n.name for n in nodes}})
+        return sorted(set().union(*(touching.get(x, {x}) for x in named))) if named else []
 
     def variants(self, fp32: Artifact, out: Path, opts: QuantizeOptions) -> dict[str, Artifact]:
         if "fp16" not in opts.variants:

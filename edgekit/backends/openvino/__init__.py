@@ -15,7 +15,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from edgekit.backends.base import Artifact, Backend, Fix, Options, first_lines, synthetic_array
+from edgekit.backends.base import Artifact, Backend, Fix, Options, first_lines, named_in, synthetic_array
 from edgekit.errors import TargetError
 from edgekit.progress import bar
 
@@ -160,6 +160,13 @@ class OpenVinoBackend(Backend):
         scope = opts.ignored_scope.model_copy(update={"names": sorted(set(opts.ignored_scope.names) | set(units)),
                                                       "validate_names": False})
         return opts.model_copy(update={"ignored_scope": scope})
+
+    def units_of_error(self, fp32: Artifact, opts: QuantizeOptions, message: str) -> list[str]:
+        """OpenVINO and NNCF name the operation (its friendly name) that failed: keep it in float."""
+        ov = self.require("openvino")
+        return named_in(message, {op.get_friendly_name(): op.get_friendly_name()
+                                  for op in ov.Core().read_model(str(fp32.path)).get_ops()
+                                  if op.get_type_name() not in ("Parameter", "Result", "Constant")})
 
     RUNTIME_MODULES = ("openvino",)
 
