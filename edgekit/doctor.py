@@ -94,9 +94,23 @@ def report(deep: bool = False) -> str:
             except Exception as e:  # noqa: BLE001
                 more = [f"{name}: cannot list devices: {type(e).__name__}: {e}"]
         lines += more
-    from edgekit.config.profiles import available
+    from edgekit.config.profiles import available, load_profile
+    from edgekit.measure import aarch64
 
+    ok, why = aarch64.availability()
+    arm_targets = [n for n in available() if _verify_device(load_profile, n).startswith("qemu:")]
+    lines += ["", f"aarch64 check (targets with [verify] device = \"qemu:<cpu>\": {', '.join(arm_targets) or 'none'}): "
+              + ("available: " if ok else "not available, those targets are verified on this host only: ") + why]
+    if not ok and "qemu" in why:
+        fixes.append("  aarch64 check: apt-get install qemu-user-static")
     lines += ["", f"target profiles: {', '.join(available()) or 'none found'}"]
     if fixes:
         lines += ["", "to fix (from the edgekit checkout):", *fixes]
     return "\n".join(lines)
+
+
+def _verify_device(load_profile, name: str) -> str:
+    try:
+        return load_profile(name).verify.device
+    except Exception:  # noqa: BLE001 - a broken profile is reported when it is used
+        return "host"

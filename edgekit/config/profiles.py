@@ -60,6 +60,30 @@ class PruneSettings(BaseModel):
     kernels' vector/tile width, so a pruned layer does not pay for a padded remainder."""
 
 
+class VerifySettings(BaseModel):
+    """Where a target's artifacts are verified besides this host (``edgekit.measure.arm``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = "host"
+    """``host``, or ``qemu:<cpu>``: also run them on an emulated aarch64 core (``cortex-a76`` for a recent
+    phone's big core, ``cortex-a53`` for a small board, ``neoverse-n1`` for a Graviton) when
+    qemu-user-static is installed, and fail the target if ARM and x86 disagree (``tolerance``)."""
+    budget_s: float = Field(default=30.0, gt=0)
+    """Seconds of emulation per target, two thirds for the optimized artifact and one third for fp32:
+    evaluation samples run in order until each share is spent (at least one; Python's start under
+    emulation, about 5 s, comes on top)."""
+    tolerance: float = Field(default=0.05, gt=0)
+    """Largest ``max |ARM - x86|`` allowed, relative to the largest host output (``edgekit.measure.arm``)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "host" and not re.fullmatch(r"qemu:[A-Za-z0-9_.-]+(,[A-Za-z0-9_-]+=[A-Za-z0-9_]+)*", v):
+            raise ValueError(f"{v!r} is not a verification device: expected host or qemu:<cpu> "
+                             f"(e.g. qemu:cortex-a76; `qemu-aarch64-static -cpu help` lists them)")
+        return v
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -79,6 +103,7 @@ class Profile(BaseModel):
     runtime: dict[str, Any] = {}
     bench: BenchSettings = BenchSettings()
     prune: PruneSettings = PruneSettings()
+    verify: VerifySettings = VerifySettings()
     path: Optional[Path] = Field(default=None, exclude=True)
 
     @field_validator("device")

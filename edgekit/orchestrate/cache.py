@@ -388,6 +388,13 @@ class Keys:
         return digest({"what": "outputs", "files": [file_sha256(f) for f in files], "job": _hash_paths(job),
                        "machine": machine, "toolchain": versions, "env": self.env})
 
+    def arm(self, files: list[str], settings: dict, sysroot: str, runner: str, versions: dict) -> str:
+        """An artifact's check on an emulated aarch64 core: its bytes, the profile's ``[verify]``, the
+        aarch64 sysroot (its packages' versions), the runner script, the evaluation data."""
+        return digest({"what": "arm", "files": [file_sha256(f) for f in files], "verify": settings,
+                       "sysroot": sysroot, "runner": runner, "toolchain": versions, "evaluation": self.evaluation,
+                       "reference": self.reference(), "env": self.env})
+
     def measure(self, build_key: str, kind: str, job: dict, machine: dict) -> str:
         """``job``: the measure job's ``identity()``; the artifact's bytes are covered by ``build_key``."""
         return digest({"what": "measure", "build": build_key, "kind": kind, "job": _hash_paths(job),

@@ -32,7 +32,7 @@ from edgekit.progress import bar, say, step
 from edgekit.release import gates
 from edgekit.report import manifest, write as write_report
 from edgekit.report.markdown import summary_line
-from edgekit.report.schema import ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow, Timing
+from edgekit.report.schema import ArmCheck, ArtifactResult, EvalInfo, Machine, ModelInfo, Report, TargetRow, Timing
 from edgekit.orchestrate.cache import Cache, Keys
 from edgekit.orchestrate.jobs import (BuildJob, BuildResult, BuiltArtifact, MeasureJob, MeasureResult, PruneEval, SearchSpec,
                               TimeJob, TimeResult)
@@ -196,6 +196,7 @@ def run_target(prof: Profile, shared: _Run) -> TargetRow:
         built, build_key = _build(prof, shared, row, work, log)
         for kind, art in built.artifacts():
             row.add_artifact(kind, _measure(kind, art, prof, backend, runtime, shared, row, build_key, work, log))
+        _arm_check(prof, backend, runtime, built, shared, row, work)
         _time(prof, backend, runtime, built, shared, row, build_key, work, log)
         if built.optimized_error:
             raise TargetError(built.optimized_error)
@@ -277,6 +278,66 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
         fidelity=fidelity(outputs, shared.reference), latency_ms=measured.latency_ms, latency_reason=unmeasurable,
         load_ms=measured.load_ms, peak_rss_mb=measured.peak_rss_mb, io=measured.io, verified_on=verified_on,
         measured_on=None if unmeasurable else _on(row.device, measured.runtime_device))
+
+
+def _arm_check(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row: TargetRow, work: Path) -> None:
+    """For ``[verify] device = "qemu:<cpu>"``: the fp32 and optimized artifacts also run on that emulated
+    aarch64 core (``edgekit.measure.arm``), compared with their host outputs on the same samples. Skipped,
+    with the reason, where qemu is missing; the target fails when ARM and x86 disagree past the rule."""
+    from edgekit.measure import aarch64, arm
+
+    v = prof.verify
+    if not v.device.startswith("qemu:"):
+        return
+    cpu, why = arm.cpu_of(v.device), arm.unavailable()
+    if why:
+        say(f"[{prof.name}] aarch64 check skipped: {why}")
+    files = dict(built.artifacts())
+    evals = None
+    for kind in ("fp32", "optimized"):
+        res = getattr(row, kind)
+        if res is None or kind not in files:
+            continue
+        if why:
+            res.arm = ArmCheck(status="skipped", device=v.device, reason=why, tolerance=v.tolerance)
+            continue
+        if evals is None:
+            from edgekit.inputs.data import load_evaluation
+
+            evals = list(load_evaluation(shared.recipe))
+        host = np.load(work / f"{kind}_outputs.npy")
+        budget = v.budget_s * (2 / 3 if kind == "optimized" else 1 / 3)  # what ships gets the larger share
+
+        def check() -> dict:
+            say(f"[{prof.name}] verify {kind} on aarch64 (qemu {cpu}), up to {budget:g} s of emulation")
+            got = arm.run(backend, runtime, files[kind].files, evals, cpu, budget, f"[{prof.name}]")
+            outs, n = got["outputs"], len(got["outputs"])
+            labels = None if shared.labels is None else shared.labels[:n]
+            return {**arm.compare(outs, host, v.tolerance), "samples": n,
+                    "metric": round(score(shared.recipe.data.metric, outs, shared.reference[:n], labels), 6),
+                    "host_metric": round(score(shared.recipe.data.metric, host[:n], shared.reference[:n], labels), 6),
+                    "runtime": got["runtime"], "seconds": got["seconds"]}
+
+        key = shared.keys.arm(files[kind].files, v.model_dump(), aarch64.sysroot_key(), arm_runner_digest(backend),
+                              row.versions) if shared.keys else ""
+        got = shared.cache.value(key, check) if key else check()
+        ok = got.pop("within_tolerance")
+        res.arm = ArmCheck(status="ok" if ok else "failed", device=v.device, of=len(host), tolerance=v.tolerance, **got)
+        say(f"[{prof.name}] {kind} on aarch64 (qemu {cpu}): {got['samples']} of {len(host)} samples, "
+            f"{shared.recipe.data.metric} {got['metric']:.4f} (host {got['host_metric']:.4f} on the same), "
+            f"max |ARM - x86| {got['max_abs_diff']:.3g} ({got['relative_diff']:.2%} of the output range)")
+        if not ok:
+            res.arm.reason = (f"ARM and x86 disagree beyond what ARM's fusions explain: max |ARM - x86| "
+                              f"{got['max_abs_diff']:.3g} is {got['relative_diff']:.2%} of the largest host output, "
+                              f"over the {v.tolerance:.0%} tolerance")
+            raise TargetError(f"the {kind} artifact on aarch64 (qemu {cpu}): {res.arm.reason}")
+        res.verified_on = f"aarch64 (qemu {cpu}) on {got['samples']} of {len(host)} samples; {res.verified_on} on all"
+
+
+def arm_runner_digest(backend) -> str:
+    from edgekit.report.manifest import sha256
+
+    return sha256(backend.remote_runner())
 
 
 def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row: TargetRow, build_key: str,

@@ -142,7 +142,7 @@ def table(doc: Report) -> str:
 def details(doc: Report) -> str:
     """Per target: every artifact (precision, p50/p90/p99, load time, peak RSS, link), how it was timed,
     the accuracy search's steps and pruning's effect: report.md's lines, as HTML."""
-    from edgekit.report.markdown import prune_markdown, rescues_md, search_md, timing_md
+    from edgekit.report.markdown import arm_md, prune_markdown, rescues_md, search_md, timing_md
 
     out = ["<h2>Targets</h2>"]
     for r in doc.targets:
@@ -155,7 +155,7 @@ def details(doc: Report) -> str:
             rss = "" if a.peak_rss_mb is None else f", peak RSS {a.peak_rss_mb:.0f} MB"
             items.append(f'<b>{_e(kind)}</b> <a href="{html.escape(a.artifact)}"><code>{_e(a.artifact)}</code></a> '
                          f"({_e(a.precision)}): {a.size_bytes / 1e6:.2f} MB, {_e(lat_s)}{_e(load)}{_e(rss)}")
-            items += ["&nbsp;&nbsp;↳ " + _inline(line.strip()[2:]) for line in rescues_md(a.details)]
+            items += ["&nbsp;&nbsp;↳ " + _inline(line.strip()[2:]) for line in rescues_md(a.details) + arm_md(a.arm, doc.eval.metric)]
         md = timing_md(r) + search_md(r.quantize_search) + (prune_markdown(r, doc.eval.metric) if r.prune else [])
         items += [("&nbsp;&nbsp;↳ " + _inline(line.strip()[2:])) if line.startswith("  ") else _inline(line[2:])
                   for line in md]

@@ -159,7 +159,7 @@ def markdown(doc: Report) -> str:
                        f"load {a.load_ms:.0f} ms{rss}; fidelity to fp32 torch (verified on "
                        f"{a.verified_on or '?'}): cosine {f.cosine:.4f}, top-1 agreement "
                        f"{f.top1_agreement:.1%}")
-            out += rescues_md(a.details)
+            out += rescues_md(a.details) + arm_md(a.arm, ev.metric)
         if r.device_info:
             d = r.device_info
             out.append(f"- device {r.device}: {d['cpu']} ({d['arch']}, {d['cores']} cores), {d['os']}, "
@@ -170,6 +170,19 @@ def markdown(doc: Report) -> str:
             out += prune_markdown(r, ev.metric)
         out.append("")
     return "\n".join(out)
+
+
+def arm_md(c, metric: str) -> list[str]:
+    """The check on an emulated aarch64 core (edgekit.measure.arm)."""
+    if c is None:
+        return []
+    if c.status == "skipped":
+        return [f"  - aarch64 check ({c.device}) skipped: {c.reason}"]
+    line = (f"  - on aarch64 ({c.device}, {c.runtime}): {c.samples} of {c.of} evaluation samples in {c.seconds:.0f} s: "
+            f"{metric} {c.metric:.4f} (host {c.host_metric:.4f} on the same samples); against the host's outputs: "
+            f"top-1 agreement {c.top1_agreement:.1%}, max |Δ| {c.max_abs_diff:.3g} = {c.relative_diff:.2%} of the "
+            f"output range (tolerance {c.tolerance:.0%}): **{c.status}**")
+    return [line + (f". {c.reason}" if c.reason else "")]
 
 
 def rescues_md(details: dict) -> list[str]:

@@ -59,6 +59,30 @@ class Fidelity(_Model):
     max_abs_error: float
 
 
+class ArmCheck(_Model):
+    """The artifact run on an emulated aarch64 core (``edgekit.measure.arm``) against the host's outputs."""
+
+    status: Literal["ok", "failed", "skipped"]
+    device: str
+    """``qemu:<cpu>``."""
+    reason: Optional[str] = None
+    """Why it was skipped or failed."""
+    samples: int = 0
+    """Evaluation samples run there (in order, until the time budget was spent)."""
+    of: int = 0
+    metric: Optional[float] = None
+    """The task metric on ARM, on those samples."""
+    host_metric: Optional[float] = None
+    """The host's metric on the same samples."""
+    max_abs_diff: Optional[float] = None
+    relative_diff: Optional[float] = None
+    """``max_abs_diff`` over the largest host output: what the tolerance applies to."""
+    top1_agreement: Optional[float] = None
+    tolerance: float
+    runtime: Optional[str] = None
+    seconds: Optional[float] = None
+
+
 class ArtifactResult(_Model):
     """One artifact of a target as built, verified and timed."""
 
@@ -78,6 +102,8 @@ class ArtifactResult(_Model):
     io: Optional[dict[str, Any]] = None
     verified_on: Optional[str] = None
     measured_on: Optional[str] = None
+    arm: Optional[ArmCheck] = None
+    """The check on an emulated aarch64 core, for a profile with ``[verify] device = "qemu:<cpu>"``."""
 
     @property
     def p50(self) -> Optional[float]:

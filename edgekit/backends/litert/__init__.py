@@ -200,6 +200,13 @@ class LiteRtBackend(Backend):
         op quantization parameters violate the same scale constraint``): that line is the unit."""
         return sorted({f"{f.rsplit('/', 1)[-1]}:{ln}" for f, ln in _ERROR_AT.findall(message)})
 
+    def remote_runner(self) -> Path:
+        """Verification only (``edgekit.measure.arm``); LiteRT artifacts are not timed over ssh yet."""
+        return Path(__file__).with_name("remote_runner.py")
+
+    def remote_settings(self, runtime: RuntimeOptions) -> dict:
+        return {"threads": runtime.threads, "xnnpack": runtime.xnnpack}
+
     RUNTIME_MODULES = ("ai_edge_litert.interpreter",)
 
     def load(self, path: Path, runtime: RuntimeOptions):

@@ -10,6 +10,9 @@ job.json: {"artifact": "model.onnx", "feeds": "feeds.npz", "providers": [...], "
            "warmup": 10, "runs": 100}
       or, to time several artifacts in interleaved rounds (edgekit.measure.timing),
           {"artifacts": ["fp32.onnx", "int8.onnx"], ..., "warmup": 10, "rounds": 10, "per_round": 20}
+      or, to verify (edgekit.measure.arm): {"artifact": ..., "verify": "samples.npz" (each input stacked
+          on a new axis 0), "outputs": "outputs.npy", "budget_s": 60} -> the first output of samples in
+          order, flattened, until budget_s is spent (at least one).
 The result holds raw per-run times ("seconds", or "blocks": per artifact, one list per round);
 edgekit computes the statistics on its side, so they are the same statistics as for host measurements.
 """
@@ -71,6 +74,21 @@ def run(job):
         return ort.InferenceSession(path, so, providers=providers,
                                     **({"disabled_optimizers": disabled} if disabled else {}))
 
+    if "verify" in job:  # run evaluation samples in order until the budget is spent (edgekit.measure.arm)
+        sess = session(job["artifact"])
+        with np.load(job["verify"]) as z:
+            samples = {k: z[k] for k in z.files}
+        names = {i.name for i in sess.get_inputs()}
+        outs, t0 = [], time.perf_counter()
+        for i in range(len(next(iter(samples.values())))):
+            if outs and time.perf_counter() - t0 > job["budget_s"]:
+                break
+            y = sess.run(None, {k: v[i] for k, v in samples.items() if k in names})[0]
+            outs.append(np.asarray(y, dtype=np.float32).reshape(-1))
+        np.save(job["outputs"], np.stack(outs))
+        return {"ok": True, "samples": len(outs), "seconds": round(time.perf_counter() - t0, 2),
+                "provider": sess.get_providers()[0], "runtime": f"onnxruntime {ort.__version__}",
+                "machine": _machine()}
     with np.load(job["feeds"]) as z:
         arrays = {k: z[k] for k in z.files}
 
