@@ -265,9 +265,28 @@ class DynamicConv(Fusion):
         return self.head(torch.relu(torch.nn.functional.conv2d(grid, w, padding=1, groups=DIM)).mean((2, 3)))
 
 
+class SharedView(Fusion):
+    """One reshaped projection read by two concatenations (each stacks it under another tower's view):
+    with litert-torch's own annotation the converter rejects it ("'tfl.reshape' op quantization
+    parameters violate the same scale constraint")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.head = nn.Linear(2 * DIM, 10)
+
+    def forward(self, image, input_ids, attention_mask):
+        grid, t = self.towers(image, input_ids, attention_mask)
+        i = grid.flatten(2).transpose(1, 2)  # (B, 16, DIM): as many image tokens as text tokens
+        r = self.a(t).unsqueeze(1)
+        x, y = torch.cat([self.b(i).view(-1, 1, SEQ, DIM), r], 1), torch.cat([self.c(t).view(-1, 1, SEQ, DIM), r], 1)
+        return self.head(torch.cat([x.mean((1, 2)), y.mean((1, 2))], dim=-1))
+
+
 ZOO = {"late_concat": LateConcat, "gated_product": GatedProduct, "cross_attention_mha": CrossAttentionMHA,
        "cross_attention_hand": CrossAttentionHand, "shape_ops": ShapeOps, "film": FiLM, "bilinear": Bilinear,
-       "token_concat": TokenConcat, "masked_mean": MaskedMean, "cross_residual": CrossResidual, "dynamic_conv": DynamicConv}
+       "token_concat": TokenConcat, "masked_mean": MaskedMean, "cross_residual": CrossResidual, "dynamic_conv": DynamicConv,
+       "shared_view": SharedView}
 
 
 def _builder(cls):

@@ -25,6 +25,7 @@ from edgekit.orchestrate.worker import build
 from tests import fusion_zoo
 
 ZOO_FILE = Path(fusion_zoo.__file__)
+ROOT_TARGETS = ZOO_FILE.parents[1] / "targets"
 TARGETS = ["ort-cpu", "openvino-x86", "tflite-mobile"]
 FAST = {"gated_product"}
 
@@ -155,3 +156,36 @@ def test_litert_error_naming_a_source_line_keeps_that_line_in_float(exported):
     gm = torch.export.export(fp32.state.model, (), fp32.state.kwargs).module()
     hit = nodes_at_lines(gm, units)
     assert {str(n.target).split(".")[-2] for n in hit} >= {"squeeze"}  # the squeezes, and the ops reading them
+
+
+def test_a_converter_error_is_rescued_by_keeping_the_named_op_in_float(data_dir, tmp_path):
+    """litert-torch's own annotation (share_same_scale = false) on shared_view: the converter rejects the
+    int8 graph naming a source line; the build keeps that line's reshape and its neighbours in float and
+    retries, and the report says what and why."""
+    prof = tmp_path / "tflite-vendor-annotation.toml"
+    prof.write_text((ROOT_TARGETS / "tflite-mobile.toml").read_text().replace(
+        "[quantize]\n", "[quantize]\nshare_same_scale = false\n", 1).replace('name = "tflite-mobile"',
+                                                                            'name = "tflite-vendor-annotation"'))
+    backend = get_backend("litert")
+    rec = write_recipe(tmp_path, data_dir, "shared_view")
+    from edgekit.inputs.data import load_calibration
+    from edgekit.inputs.model import example_inputs
+
+    r = load_recipe(rec)
+    model, calib = load_model(r), load_calibration(r)
+    fp32 = backend.export_fp32(model, example_inputs(r.model.inputs, calib.sample(0)), r.model.inputs, tmp_path,
+                               backend.ExportOptions())
+    with pytest.raises(TargetError, match=r"fusion_zoo\.py:\d+:0: error: 'tfl\.reshape' op quantization parameters "
+                                          r"violate the same scale constraint"):
+        backend.quantize(fp32, calib, tmp_path / "plain", backend.QuantizeOptions(share_same_scale=False))
+
+    res, fid = build_and_check(tmp_path, data_dir, "shared_view", str(prof))
+    rescues = res.optimized.details["conversion_rescues"]
+    assert len(rescues) == 1 and rescues[0]["kept_float"][0].startswith("fusion_zoo.py:")
+    assert rescues[0]["kept_float"][0].endswith(":tfl.reshape")
+    assert "violate the same scale constraint" in rescues[0]["because"]
+    assert res.optimized.details["float_lines"] == rescues[0]["kept_float"]
+    assert fid["cosine"] >= 0.99 and res.quantize_search.status == "ok"
+    from edgekit.report.markdown import rescues_md
+
+    assert "kept in float after a conversion error: `fusion_zoo.py:" in rescues_md(res.optimized.details)[0]

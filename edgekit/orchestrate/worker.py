@@ -93,6 +93,7 @@ def build(job: BuildJob) -> BuildResult:
     from edgekit.inputs.data import load_calibration
     from edgekit.inputs import exportable
     from edgekit.inputs.model import configure_torch, example_inputs, load_model
+    from edgekit.quantize import rescue
 
     recipe = load_recipe(job.recipe)
     profile = load_profile(job.target, recipe.root)
@@ -142,14 +143,17 @@ def build(job: BuildJob) -> BuildResult:
             result.timings["prune_export_s"] = s["seconds"]
         else:
             q_fp32, q_out, q_model = fp32, out, model
+        rescues: list[dict] = []
         with step(profile.name, f"quantize with {len(calib)} calibration samples") as s:
-            start, opt = _quantize(backend, q_fp32, q_model, quant_opts, calib, q_out, export, profile.name)
+            start, opt = _quantize(backend, q_fp32, q_model, quant_opts, calib, q_out, export, profile.name, rescues)
         result.timings["quantize_s"] = s["seconds"]
         opt.details["quality_methods"] = start.methods
+        shipped = start.opts
         if job.search is not None:  # accuracy-aware search on what ships (the pruned model, if pruned)
             try:
                 opt, result.quantize_search, chosen = _search(job.search, recipe, profile, backend, q_fp32, opt,
-                                                              start, calib, q_out, q_model, export)
+                                                              start, calib, q_out, q_model, export, rescues)
+                shipped = chosen
                 result.timings["quantize_search_s"] = result.quantize_search.search_s
                 if pruned is not None and chosen != start.opts:
                     _unpruned_like_shipped(result, backend, fp32, model, calib, out, chosen, export, profile.name)
@@ -157,6 +161,7 @@ def build(job: BuildJob) -> BuildResult:
                 say(f"[{profile.name}] WARNING: quantize search failed ({type(e).__name__}: {e}); "
                     f"keeping the first quantization")
                 result.quantize_search_error = f"{type(e).__name__}: {e}"
+        rescue.attach(opt, rescues, backend.float_units(shipped))
         result.optimized = BuiltArtifact.of(opt)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result.optimized_error = str(e)
@@ -168,7 +173,7 @@ def build(job: BuildJob) -> BuildResult:
     return result
 
 
-def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str):
+def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str, rescues: Optional[list] = None):
     """The first quantization: the profile's options with the quality methods
     (``edgekit.quantize.quality``). Returns (what it was built with, the artifact)."""
     from edgekit.quantize.quality import prepare
@@ -177,11 +182,12 @@ def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str)
 
     start = prepare(backend, fp32, opts, model, calib, lambda m, name: export(m, out / "rewritten" / name),
                     tag=f"[{target}] quantize")
-    art, start.opts = rescue.quantize(backend, start.source or fp32, calib, out, start.opts, tag=f"[{target}] quantize")
+    art, start.opts = rescue.quantize(backend, start.source or fp32, calib, out, start.opts, tag=f"[{target}] quantize",
+                                      log=rescues)
     return start, art
 
 
-def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib, out: Path, model, export):
+def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib, out: Path, model, export, rescues):
     """Accuracy-aware quantization (edgekit.quantize.search): score ``opt``, search if it misses.
     Returns (artifact to ship, outcome, the options it was built with)."""
     from edgekit.inputs.data import load_evaluation
@@ -195,7 +201,7 @@ def _search(spec: SearchSpec, recipe, profile, backend, fp32, opt, start, calib,
                         max_steps=spec.max_steps, model=model, subset=spec.eval_samples,
                         export=lambda m, name: export(m, out / "search" / name),
                         distill_steps=spec.distill_steps, distill_lr=spec.distill_lr,
-                        profile_opts=backend.options(profile)[1])
+                        profile_opts=backend.options(profile)[1], rescues=rescues)
     art, outcome = search(ctx, fp32, opt, start, out)
     return art, outcome, ctx.best.candidate.opts
 

@@ -37,12 +37,14 @@ def _headline(message: str) -> str:
     return next((ln for ln in lines if "error" in ln.lower() and ":" in ln), lines[0] if lines else "")[:300]
 
 
-def quantize(backend, fp32, calibration, out: Path, opts, *, tag: str,
-             deadline: Optional[float] = None) -> tuple[Any, Any]:
+def quantize(backend, fp32, calibration, out: Path, opts, *, tag: str, deadline: Optional[float] = None,
+             log: Optional[list] = None) -> tuple[Any, Any]:
     """``backend.quantize`` that keeps what a failure names in float and retries. Returns (the artifact,
     the options it was finally built with); the artifact's ``details["conversion_rescues"]`` lists each
-    rescue. ``deadline``: a ``time.perf_counter()`` after which no retry starts. Raises the last
-    TargetError when nothing can save the build."""
+    rescue (also appended to ``log``: a build's later steps start from the rescued options and need no
+    rescue of their own, so the build says what the shipped artifact owes to rescues: ``attach``).
+    ``deadline``: a ``time.perf_counter()`` after which no retry starts. Raises the last TargetError
+    when nothing can save the build."""
     rescues: list[Rescue] = []
     while True:
         try:
@@ -61,10 +63,22 @@ def quantize(backend, fp32, calibration, out: Path, opts, *, tag: str,
                                       + f"; {why})") from None
                 raise
             rescues.append(Rescue(sorted(units), _headline(message)))
+            if log is not None:
+                log.append(asdict(rescues[-1]))
             say(f"{tag}: {_headline(message)}: keeping {', '.join(sorted(units))} in float and retrying")
             opts = backend.keep_in_float(opts, units)
             continue
         if rescues:
             art.details["conversion_rescues"] = [asdict(r) for r in rescues]
-            art.precision += f" ({sum(len(r.kept_float) for r in rescues)} kept in float after conversion errors)"
         return art, opts
+
+
+def attach(art, log: list[dict], float_units: list[str]) -> None:
+    """Record on the shipped artifact every rescue of its build whose units it keeps in float."""
+    kept, seen, mine = set(float_units), set(), []
+    for r in log:
+        if set(r["kept_float"]) <= kept and tuple(r["kept_float"]) not in seen:
+            seen.add(tuple(r["kept_float"]))
+            mine.append(r)
+    if mine:
+        art.details["conversion_rescues"] = mine

@@ -102,13 +102,15 @@ class SearchContext:
                  reference: np.ndarray, labels: Optional[np.ndarray], metric: str, max_drop: float,
                  time_budget_s: float, max_steps: int = 12, timing_runs: int = 15, model=None,
                  subset: Optional[int] = None, export: Optional[Callable[[Any, str], Any]] = None,
-                 distill_steps: int = 0, distill_lr: float = 1e-5, profile_opts=None):
+                 distill_steps: int = 0, distill_lr: float = 1e-5, profile_opts=None,
+                 rescues: Optional[list] = None):
         self.target, self.backend, self.runtime = target, backend, runtime
         self.export = export
         """``export(torch_model, name)`` -> fp32 artifact of a rewritten model (None: no rewrites)."""
         self.distill_steps, self.distill_lr = distill_steps, distill_lr
         self.profile_opts = profile_opts
         """The profile's own quantization options (the vendor flow), tried when the first build misses."""
+        self.rescues = rescues  # the build's conversion-error rescues (edgekit.quantize.rescue)
         self.model = model  # the torch model the fp32 artifact came from (weight sensitivity), or None
         self.calibration, self.samples = calibration, samples
         self.reference, self.labels, self.metric = reference, labels, metric
@@ -318,7 +320,8 @@ def _loop(ctx: SearchContext, fp32, out: Path, gen: Iterator[Candidate]) -> str:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             art, cand.opts = rescue.quantize(ctx.backend, cand.source or fp32, ctx.calibration, folder, cand.opts,
-                                             tag=f"{ctx.tag} step {i}", deadline=ctx.start + ctx.time_budget_s)
+                                             tag=f"{ctx.tag} step {i}", deadline=ctx.start + ctx.time_budget_s,
+                                             log=ctx.rescues)
             cand.kept_float = sorted(set(cand.kept_float) | set(ctx.backend.float_units(cand.opts)))
             scored = ctx.evaluate(cand, art, 0.0)
         except Exception as e:  # noqa: BLE001 - a failed candidate is a step, not the target's failure

@@ -197,8 +197,10 @@ class LiteRtBackend(Backend):
 
     def units_of_error(self, fp32: Artifact, opts: QuantizeOptions, message: str) -> list[str]:
         """The converter names the source line of the op it rejects (``model.py:131:0: error: 'tfl.reshape'
-        op quantization parameters violate the same scale constraint``): that line is the unit."""
-        return sorted({f"{f.rsplit('/', 1)[-1]}:{ln}" for f, ln in _ERROR_AT.findall(message)})
+        op quantization parameters violate the same scale constraint``): the unit is that line's ops of
+        that kind (``model.py:131:tfl.reshape``; ``pt2e.nodes_at_lines``)."""
+        return sorted({f"{f.rsplit('/', 1)[-1]}:{ln}" + (f":{op}" if op else "")
+                       for f, ln, op in _ERROR_AT.findall(message)})
 
     def remote_runner(self) -> Path:
         """Verification only (``edgekit.measure.arm``); LiteRT artifacts are not timed over ssh yet."""
@@ -257,8 +259,8 @@ class _Source:
         self.model, self.kwargs = model, kwargs
 
 
-_SOURCE_LINE = re.compile(r"[\w.-]+\.py:\d+")
-_ERROR_AT = re.compile(r"([\w./-]+\.py):(\d+):\d+: error")
+_SOURCE_LINE = re.compile(r"[\w.-]+\.py:\d+(:tfl\.\w+)?")
+_ERROR_AT = re.compile(r"([\w./-]+\.py):(\d+):\d+: error(?:: '(tfl\.\w+)' op)?")
 
 WRAPPED = "inner"
 """The attribute under which ``_named`` wraps the recipe's model (module paths start with it)."""

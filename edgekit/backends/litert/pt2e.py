@@ -134,24 +134,45 @@ SAME_SCALE = ("view.default", "_unsafe_view.default", "reshape.default", "squeez
               "narrow.default", "contiguous.default", "clone.default", "alias.default", "repeat.default",
               "view_copy.default", "squeeze_copy.dim", "squeeze_copy.dims", "unsqueeze_copy.default",
               "permute_copy.default", "transpose_copy.int", "slice_copy.Tensor", "select_copy.int",
-              "expand_copy.default")
+              "expand_copy.default", "pad.default", "constant_pad_nd.default")
 """ATen ops that become TFLite RESHAPE / SQUEEZE / EXPAND_DIMS / TRANSPOSE / GATHER / SLICE /
 STRIDED_SLICE / BROADCAST_TO / TILE: kernels that require their int8 input and output to share one scale
 and zero point (the converter rejects "quantization parameters violate the same scale constraint")."""
 
 
 def share_same_scale_ops(gm) -> int:
-    """Each same-scale op (``SAME_SCALE``) whose input is quantized shares its input's observer, in graph
-    order so chains (transpose -> squeeze -> view) share one. litert-torch's own propagation covers
-    ``squeeze.dim``/``view``/``permute``/``flatten`` only, and stops at the first op it does not know:
-    ``q.squeeze(1)`` exports as ``squeeze.dims`` and got its own observer from the ``cat`` that reads
-    it. The XNNPACK quantizer shares the same way. Returns how many ops it annotated."""
+    """Each same-scale op (``SAME_SCALE``, and the pieces of a ``split``/``chunk``/``unbind``) whose input
+    is quantized shares its input's observer, in graph order so chains (transpose -> squeeze -> view)
+    share one. litert-torch's own propagation covers ``squeeze.dim``/``view``/``permute``/``flatten``
+    only. Measured with torch 2.13: litert's ``cat`` annotator never fires (``get_source_partitions``
+    finds no ``torch.cat`` in a ``torch.export`` graph), so a concatenation is quantized by the
+    converter's propagation, and an unobserved same-scale op read by two concatenations got one scale
+    from its input and another from each concatenation, which the converter rejects ("'tfl.transpose'
+    op quantization parameters violate the same scale constraint"). The XNNPACK quantizer shares the
+    same way. Returns how many ops it annotated."""
+    import operator
+
+    import torch
     from torch.fx import Node
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, SharedQuantizationSpec
 
+    A = torch.ops.aten
+    splits = (A.split.Tensor, A.split_with_sizes.default, A.chunk.default, A.unbind.int,
+              A.split_with_sizes_copy.default, A.unbind_copy.int)
     shared = 0
     for n in gm.graph.nodes:
-        if n.op != "call_function" or str(n.target).split("aten.")[-1] not in SAME_SCALE:
+        if n.op != "call_function":
+            continue
+        if n.target is operator.getitem and isinstance(n.args[0], Node) and n.args[0].target in splits:
+            prev = n.args[0].args[0]  # a piece of a split shares the split's input's observer
+            ann = n.meta.get("quantization_annotation")
+            before = prev.meta.get("quantization_annotation") if isinstance(prev, Node) else None
+            if before is not None and before.output_qspec is not None and not (ann is not None and ann._annotated):
+                n.meta["quantization_annotation"] = QuantizationAnnotation(output_qspec=SharedQuantizationSpec(prev),
+                                                                           _annotated=True)
+                shared += 1
+            continue
+        if str(n.target).split("aten.")[-1] not in SAME_SCALE:
             continue
         prev = n.args[0] if n.args else None
         ann = n.meta.get("quantization_annotation")
@@ -182,23 +203,38 @@ def dynamic_weight_ops(gm) -> set:
             and isinstance(n.args[1], Node) and n.args[1].op != "get_attr"}
 
 
+TFL_OPS = {"tfl.reshape": ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "flatten", "unflatten"),
+           "tfl.squeeze": ("squeeze",), "tfl.expand_dims": ("unsqueeze",),
+           "tfl.transpose": ("transpose", "permute", "t"), "tfl.pad": ("pad", "constant_pad_nd"),
+           "tfl.slice": ("slice", "split", "split_with_sizes", "chunk", "narrow", "select"),
+           "tfl.strided_slice": ("slice", "select"), "tfl.gather": ("select", "index_select", "embedding"),
+           "tfl.concatenation": ("cat",), "tfl.broadcast_to": ("expand",), "tfl.tile": ("repeat",)}
+"""The ATen ops a TFLite op the converter names comes from (to keep only those ops of a line in float)."""
+
+
 def nodes_at_lines(gm, lines) -> set:
-    """The nodes traced from any of ``lines`` (``file.py:LINE``: a source line as the converter's errors
-    name it; matched on the file's name and the line of any frame of the node's stack trace), and the
-    nodes that read them: leaving both unannotated keeps that code and its quantized readers in float."""
+    """The nodes traced from any of ``lines``, the nodes that read them and the nodes that feed them:
+    leaving all of them unannotated keeps that code, and the quantized ops on both sides, in float (the
+    converter's same-scale errors come from the scales on both sides of the named op). A line is ``file.py:LINE`` (a source line as the
+    converter's errors name it; matched on the file's name and the line of any frame of the node's stack
+    trace) or ``file.py:LINE:tfl.OP`` (only the ops at that line that become ``tfl.OP``, when any do)."""
     import re
 
-    wanted = set()
-    for spec in lines:
-        file, _, line = spec.rpartition(":")
-        wanted.add((file.rsplit("/", 1)[-1], int(line)))
     hit = set()
-    for n in gm.graph.nodes:
-        trace = n.meta.get("stack_trace") or ""
-        frames = {(f.rsplit("/", 1)[-1], int(ln)) for f, ln in re.findall(r'File "([^"]+)", line (\d+)', trace)}
-        if frames & wanted:
-            hit.add(n)
-    return hit | {u for n in hit for u in n.users if u.op == "call_function"}
+    for spec in lines:
+        m = re.fullmatch(r"(.+\.py):(\d+)(?::(tfl\.\w+))?", spec)
+        if not m:
+            continue
+        where = (m.group(1).rsplit("/", 1)[-1], int(m.group(2)))
+        at = [n for n in gm.graph.nodes if n.op == "call_function" and where in {
+            (f.rsplit("/", 1)[-1], int(ln))
+            for f, ln in re.findall(r'File "([^"]+)", line (\d+)', n.meta.get("stack_trace") or "")}]
+        kinds = TFL_OPS.get(m.group(3) or "", ())
+        named = [n for n in at if str(n.target).split("aten.")[-1].split(".")[0] in kinds]
+        hit |= set(named or at)
+    around = {u for n in hit for u in n.users if u.op == "call_function"} | \
+        {a for n in hit for a in n.all_input_nodes if a.op == "call_function"}
+    return hit | around
 
 
 def _annotate_pad_shared(gm, torch) -> None:
