@@ -39,11 +39,14 @@ def test_arm_targets_ask_for_the_emulated_check():
 
 
 def test_compare_applies_the_stated_rule():
-    host = np.array([[1.0, -2.0, 0.5], [0.1, 0.2, 0.3]], np.float32)
-    ok = arm.compare(host + 0.04 * 2, host)  # 4 % of the range (2.0)
-    bad = arm.compare(host + 0.06 * 2, host)
-    assert ok["within_tolerance"] and not bad["within_tolerance"]
-    assert ok["relative_diff"] == pytest.approx(0.04, abs=1e-6) and ok["top1_agreement"] == 1.0
+    ref = np.array([[1.0, -2.0, 0.5], [0.1, 0.2, 0.3]])
+    host = ref + np.array([[0.1, -0.1, 0.1], [-0.1, 0.1, -0.1]])  # the artifact's own error: rms 0.1
+    small = arm.compare(host + 0.04, host, ref)    # rms 0.4 of it: rounding
+    big = arm.compare(host + 0.06, host, ref)      # rms 0.6 of it, 3 % of the range: fails
+    fp32 = arm.compare(ref + 1e-7, ref + 1e-9, ref)  # float round-off: never fails, whatever the ratio
+    assert small["within_tolerance"] and not big["within_tolerance"] and fp32["within_tolerance"]
+    assert small["noise_ratio"] == pytest.approx(0.4) and small["relative_diff"] == pytest.approx(0.04 / 2.1, abs=1e-5)
+    assert small["top1_agreement"] == 1.0
 
 
 @pytest.mark.slow
@@ -81,7 +84,7 @@ def test_an_arm_only_fault_fails_the_target_and_the_same_graph_on_x86_does_not(t
     t = doc.targets[0]
     assert t.status == "failed"
     assert "on aarch64 (qemu cortex-a72)" in t.reason and "ARM and x86 disagree" in t.reason, t.reason
-    assert t.fp32.arm.status == "failed" and t.fp32.arm.relative_diff > 0.4
+    assert t.fp32.arm.status == "failed" and t.fp32.arm.relative_diff > 0.4 and t.fp32.arm.noise_ratio > 1
 
     # The same runner and graph on x86: agrees with the host's outputs, so the check read ARM's.
     art = tmp_path / "run" / t.fp32.artifact
@@ -101,4 +104,4 @@ def test_an_arm_only_fault_fails_the_target_and_the_same_graph_on_x86_does_not(t
                                                "verify": "samples.npz", "outputs": "outputs.npy", "budget_s": 60}))
     r = subprocess.run([sys.executable, "remote_runner.py", "job.json"], cwd=work, capture_output=True, text=True)
     assert json.loads(r.stdout.splitlines()[-1])["ok"], r.stdout + r.stderr
-    assert arm.compare(np.load(work / "outputs.npy"), host)["max_abs_diff"] == 0.0
+    assert arm.compare(np.load(work / "outputs.npy"), host, host)["max_abs_diff"] == 0.0

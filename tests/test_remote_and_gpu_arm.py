@@ -49,7 +49,8 @@ def test_arm_and_gpu_targets_build_and_verify_here_without_faking_latency(tmp_pa
                     f"; {host} on all"), a["verified_on"]
                 c = a["arm"]
                 assert c["status"] == "ok" and 1 <= c["samples"] <= c["of"] == 24 and c["runtime"].startswith("onnxruntime")
-                assert c["relative_diff"] <= c["tolerance"] and abs(c["metric"] - c["host_metric"]) < 0.01
+                assert (c["noise_ratio"] <= c["tolerance"] or c["relative_diff"] <= c["floor"]) and \
+                    abs(c["metric"] - c["host_metric"]) < 0.01
             else:
                 assert a["verified_on"] == host
             assert a["fidelity"]["cosine"] > 0.97

@@ -72,8 +72,11 @@ class VerifySettings(BaseModel):
     """Seconds of emulation per target, two thirds for the optimized artifact and one third for fp32:
     evaluation samples run in order until each share is spent (at least one; Python's start under
     emulation, about 5 s, comes on top)."""
-    tolerance: float = Field(default=0.05, gt=0)
-    """Largest ``max |ARM - x86|`` allowed, relative to the largest host output (``edgekit.measure.arm``)."""
+    tolerance: float = Field(default=0.5, gt=0)
+    """Largest ``rms(ARM - x86) / rms(x86 - fp32 reference)`` allowed (ARM adding at most half again the
+    artifact's own error), unless ``max |ARM - x86|`` is within ``floor`` of the largest host output
+    (``edgekit.measure.arm``)."""
+    floor: float = Field(default=0.01, ge=0)
 
     @field_validator("device")
     @classmethod

@@ -84,6 +84,28 @@ class DataSpec(_Strict):
     max_evaluation_samples: Optional[int] = Field(default=None, ge=1)
 
 
+class LowRankSpec(_Strict):
+    """``[prune.low_rank]``: low-rank factorization after pruning (edgekit.prune.lowrank)."""
+    energy: Optional[float] = Field(default=None, gt=0, le=1)
+    """Fraction of each weight's squared singular values to keep, for layers of every tower and fusion
+    layers; absent = only the towers in ``energies``."""
+    energies: dict[str, float] = {}
+    """Per tower, by input modality (``{ text = 0.9 }``)."""
+    layers: list[Literal["Linear", "Conv1x1"]] = ["Linear"]
+    include: list[str] = []
+    """Module-name patterns (fnmatch, e.g. ``*.intermediate.dense``); empty = every layer of ``layers``."""
+    min_size: int = Field(default=16384, ge=0)
+    """Layers with fewer weights are left alone (two small GEMMs cost more than one)."""
+
+    @field_validator("energies")
+    @classmethod
+    def _energy_range(cls, energies: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in energies.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"each energy must be > 0 and <= 1, got {bad}")
+        return energies
+
+
 class PruneSpec(_Strict):
     """``[prune]``: structured pruning before export (edgekit.prune); absent = no pruning."""
     ratio: float = Field(default=0.0, ge=0, lt=1)
@@ -98,6 +120,8 @@ class PruneSpec(_Strict):
     """Label-free distillation steps from the unpruned fp32 model on the calibration inputs; 0 = none."""
     recover_lr: float = Field(default=1e-4, gt=0)
     batch_size: int = Field(default=8, ge=1)
+    low_rank: Optional[LowRankSpec] = None
+    """Factorize Linear / 1x1 Conv layers to a lower rank after pruning (``[prune.low_rank]``)."""
 
     @field_validator("ratios")
     @classmethod
@@ -172,10 +196,12 @@ class Recipe(_Strict):
             raise ValueError(f"targets are listed twice: {self.targets}")
         if self.prune is not None:
             known = {i.modality for i in self.model.inputs}
-            unknown = sorted(set(self.prune.ratios) - known)
-            if unknown:
-                raise ValueError(f"prune.ratios: {', '.join(unknown)} is not a modality of [model] inputs "
-                                 f"(modalities: {', '.join(sorted(known))})")
+            for what, keys in (("prune.ratios", self.prune.ratios),
+                               ("prune.low_rank.energies", self.prune.low_rank.energies if self.prune.low_rank else {})):
+                unknown = sorted(set(keys) - known)
+                if unknown:
+                    raise ValueError(f"{what}: {', '.join(unknown)} is not a modality of [model] inputs "
+                                     f"(modalities: {', '.join(sorted(known))})")
         return self
 
     @property

@@ -10,13 +10,15 @@ runner (``Backend.remote_runner``, verify mode).
 Emulation is 25-400x slower than native, so the evaluation samples run in order until ``budget_s`` is
 spent (at least one); the report says how many. Latency is never taken there.
 
-**The rule.** ARM's outputs are compared with the host's on the same samples. fp32 agrees within
-1e-6 of the output range. int8 differs where ARM's kernels round differently: ONNX Runtime's ARM graph
-fuses QDQ pairs into QLinear* ops, and XNNPACK's ARM int8 kernels requantize with another rounding
-scheme, one step per layer at most, which accumulates through the network (measured on the quick
-example's .tflite: up to 1.5 % of the output range on Cortex-A76; one int8 step of a full-range output
-is 0.4 %). The check fails the target when ``max |ARM - x86| > tolerance * max |x86|`` (default 0.05,
-about 13 steps of a full-range int8 output), which rounding does not explain.
+**The rule.** ARM's outputs are compared with the host's on the same samples, against the noise the
+artifact already has: its distance to the fp32 torch reference. fp32 agrees within 1e-6. int8 differs
+where ARM's kernels round differently (ONNX Runtime's ARM graph fuses QDQ pairs into QLinear* ops;
+XNNPACK's ARM int8 kernels requantize with another rounding), at most one step per layer, which
+accumulates through a deep network: on the real demo, up to 3.9 % of the output range (LiteRT,
+Cortex-A76) and 2.8 % (ONNX Runtime, Cortex-A72), yet only 0.18 and 0.13 of the int8 artifact's own
+RMS error against fp32. The check fails the target when **rms(ARM - x86) > tolerance x rms(x86 -
+fp32 reference)** (default 0.5: ARM would add half again the quantization noise) **and** max
+|ARM - x86| is over ``floor`` (1 %) of the largest host output, so float round-off never fails it.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ import numpy as np
 from edgekit.errors import TargetError
 from edgekit.progress import say
 
-TOLERANCE = 0.05
+TOLERANCE = 0.5
+FLOOR = 0.01
 
 
 def cpu_of(device: str) -> str:
@@ -82,11 +85,15 @@ def run(backend, runtime, files: list[str], samples: list[dict], cpu: str, budge
                 "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def compare(arm: np.ndarray, host: np.ndarray, tolerance: float = TOLERANCE) -> dict:
+def compare(arm: np.ndarray, host: np.ndarray, reference: np.ndarray, tolerance: float = TOLERANCE,
+            floor: float = FLOOR) -> dict:
     """ARM's outputs against the host's on the same (first n) samples, and whether they pass the rule."""
-    host = host[:len(arm)].astype(np.float64)
-    diff = float(np.abs(arm.astype(np.float64) - host).max())
-    span = float(np.abs(host).max()) or 1.0
-    return {"max_abs_diff": diff, "relative_diff": round(diff / span, 6),
-            "top1_agreement": round(float((arm.argmax(1) == host.argmax(1)).mean()), 6),
-            "within_tolerance": diff <= tolerance * span}
+    n = len(arm)
+    a, h, ref = arm.astype(np.float64), host[:n].astype(np.float64), reference[:n].astype(np.float64)
+    diff = float(np.abs(a - h).max())
+    span = float(np.abs(h).max()) or 1.0
+    own = float(np.sqrt(np.mean((h - ref) ** 2)))
+    ratio = float(np.sqrt(np.mean((a - h) ** 2))) / own if own > 0 else (0.0 if diff == 0 else float("inf"))
+    return {"max_abs_diff": diff, "relative_diff": round(diff / span, 6), "noise_ratio": round(ratio, 4),
+            "top1_agreement": round(float((a.argmax(1) == h.argmax(1)).mean()), 6),
+            "within_tolerance": not (ratio > tolerance and diff > floor * span)}

@@ -313,7 +313,7 @@ def _arm_check(prof: Profile, backend, runtime, built: BuildResult, shared: _Run
             got = arm.run(backend, runtime, files[kind].files, evals, cpu, budget, f"[{prof.name}]")
             outs, n = got["outputs"], len(got["outputs"])
             labels = None if shared.labels is None else shared.labels[:n]
-            return {**arm.compare(outs, host, v.tolerance), "samples": n,
+            return {**arm.compare(outs, host, shared.reference, v.tolerance, v.floor), "samples": n,
                     "metric": round(score(shared.recipe.data.metric, outs, shared.reference[:n], labels), 6),
                     "host_metric": round(score(shared.recipe.data.metric, host[:n], shared.reference[:n], labels), 6),
                     "runtime": got["runtime"], "seconds": got["seconds"]}
@@ -322,14 +322,17 @@ def _arm_check(prof: Profile, backend, runtime, built: BuildResult, shared: _Run
                               row.versions) if shared.keys else ""
         got = shared.cache.value(key, check) if key else check()
         ok = got.pop("within_tolerance")
-        res.arm = ArmCheck(status="ok" if ok else "failed", device=v.device, of=len(host), tolerance=v.tolerance, **got)
+        res.arm = ArmCheck(status="ok" if ok else "failed", device=v.device, of=len(host), tolerance=v.tolerance,
+                           floor=v.floor, **got)
         say(f"[{prof.name}] {kind} on aarch64 (qemu {cpu}): {got['samples']} of {len(host)} samples, "
             f"{shared.recipe.data.metric} {got['metric']:.4f} (host {got['host_metric']:.4f} on the same), "
-            f"max |ARM - x86| {got['max_abs_diff']:.3g} ({got['relative_diff']:.2%} of the output range)")
+            f"max |ARM - x86| {got['max_abs_diff']:.3g} ({got['relative_diff']:.2%} of the output range), "
+            f"rms(ARM - x86) {got['noise_ratio']:.2f}x the artifact's own rms error")
         if not ok:
-            res.arm.reason = (f"ARM and x86 disagree beyond what ARM's fusions explain: max |ARM - x86| "
-                              f"{got['max_abs_diff']:.3g} is {got['relative_diff']:.2%} of the largest host output, "
-                              f"over the {v.tolerance:.0%} tolerance")
+            res.arm.reason = (f"ARM and x86 disagree beyond what ARM's kernels' rounding explains: rms(ARM - x86) is "
+                              f"{got['noise_ratio']:.2f}x the artifact's own rms error against fp32 (tolerance "
+                              f"{v.tolerance:g}) and max |ARM - x86| {got['max_abs_diff']:.3g} is "
+                              f"{got['relative_diff']:.2%} of the largest host output (floor {v.floor:.0%})")
             raise TargetError(f"the {kind} artifact on aarch64 (qemu {cpu}): {res.arm.reason}")
         res.verified_on = f"aarch64 (qemu {cpu}) on {got['samples']} of {len(host)} samples; {res.verified_on} on all"
 

@@ -78,7 +78,9 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     with step(prefix, f"prune (ratio {spec.ratio}, per tower {dict(spec.ratios) or '-'}"
                       + (f", x{scale:.3f} for a MACs budget of {spec.macs_budget:g}" if spec.macs_budget else "")
                       + f", widths to multiples of {round_to})") as s:
-        plan = cut(model, scale)
+        from edgekit.prune.pruner import Plan
+
+        plan = cut(model, scale) if default or any(spec.ratios.values()) else Plan()  # low rank alone: no cut
         for w in plan.widths:
             mods = an.towers.get(w["layer"], set())
             if w["kind"] == "heads":
@@ -90,8 +92,11 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
                      f"params {facts['params_before'] / 1e6:.2f}M -> {facts['params_after'] / 1e6:.2f}M")
     if evaluate is not None:
         facts["metric_after_prune"] = round(evaluate(model), 6)
+    factorized: set[str] = set()
+    if spec.low_rank is not None:
+        factorized = _low_rank(model, an, spec.low_rank, round_to, prefix, facts, evaluate)
     if spec.recover_steps > 0:
-        _recover(model, an, plan, spec, prefix, facts)
+        _recover(model, an, plan, spec, prefix, facts, factorized)
         _forward_check(model, an, "recovery")
         if evaluate is not None:
             facts["metric_after_recovery"] = round(evaluate(model), 6)
@@ -164,15 +169,44 @@ def _cutter(an: _Analysis, spec: PruneSpec, default: float, round_to: int):
     return cut
 
 
-def _recover(model: nn.Module, an: _Analysis, plan, spec: PruneSpec, prefix: str, facts: dict) -> None:
-    """Distil the pruned towers from the unpruned outputs, re-estimate BatchNorm; undo if worse."""
+def _low_rank(model: nn.Module, an: _Analysis, spec, round_to: int, prefix: str, facts: dict,
+              evaluate: Optional[Callable[[nn.Module], float]]) -> set[str]:
+    """Factorize after pruning (edgekit.prune.lowrank); the facts get every layer's rank and the MACs
+    and params before/after. Returns the factorized layers' names."""
+    from edgekit.prune.lowrank import energies, factorize
+
+    with step(prefix, "low-rank factorization (" + ", ".join(
+            f"{k} {v:g}" for k, v in ({**({"every layer": spec.energy} if spec.energy else {}),
+                                       **spec.energies}).items()) + " of the singular values' energy)") as s:
+        before_m, before_p = count_macs(model, an.samples[0]), count_params(model)
+        rows = factorize(model, energies(spec, an.towers), round_to, spec.include, spec.layers, spec.min_size)
+        _forward_check(model, an, "low-rank factorization")
+        done = [r for r in rows if r.get("params_after")]
+        lr = {"energy": spec.energy, "energies": dict(spec.energies), "include": spec.include,
+              "min_size": spec.min_size, "layers": rows, "factorized": len(done),
+              "macs_before": before_m, "macs_after": count_macs(model, an.samples[0]),
+              "params_before": before_p, "params_after": count_params(model)}
+        facts["low_rank"] = lr
+        facts["params_after"], facts["macs_after"] = lr["params_after"], lr["macs_after"]
+        s["note"] = (f"{len(done)} of {len(rows)} layers factorized, MACs {before_m / 1e6:.1f}M -> "
+                     f"{lr['macs_after'] / 1e6:.1f}M" + (f", ranks {sorted({r['rank'] for r in done})}" if done else ""))
+    if evaluate is not None:
+        lr["metric_after_factorization"] = round(evaluate(model), 6)
+    return {r["layer"] for r in done}
+
+
+def _recover(model: nn.Module, an: _Analysis, plan, spec: PruneSpec, prefix: str, facts: dict,
+             factorized: set[str] = frozenset()) -> None:
+    """Distil the pruned (and factorized) towers from the unpruned outputs, re-estimate BatchNorm; undo if worse."""
     from edgekit.prune.recovery import distill, kd_loss, reestimate_batchnorm
 
     with step(prefix, f"recover: {spec.recover_steps} distillation steps + BatchNorm re-estimation") as s:
         modules = dict(model.named_modules())
-        pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")}
-        trained = sorted(n for n, mods in an.towers.items() if mods and mods <= pruned_towers)
-        params = [p for n in trained for p in modules[n].parameters(recurse=False)]
+        pruned_towers = {m for w in plan.widths for m in w["tower"].split("+")} | \
+            {m for n in factorized for m in an.towers.get(n, set())}
+        trained = sorted(n for n, mods in an.towers.items() if mods and mods <= pruned_towers and n in modules)
+        # a factorized layer is a Sequential of two thin layers: its parameters are its children's
+        params = [p for n in trained for p in modules[n].parameters(recurse=n in factorized)]
         # every 5th batch is held out (early stopping, and the keep-if-better judgement)
         held = [i for i in range(len(an.batches)) if i % 5 == 4] or [0]
         train = [i for i in range(len(an.batches)) if i not in held] or held

@@ -86,6 +86,20 @@ def prune_markdown(row: TargetRow, metric: str) -> list[str]:
                                               for w in chans))
     if pr.protected:
         lines.append("- kept whole (protected): " + ", ".join(f"{n} × {why}" for why, n in pr.protected.items()))
+    if pr.low_rank:
+        lr = pr.low_rank
+        done = [r for r in lr["layers"] if r.get("params_after")]
+        lines.append(f"- **low-rank factorization** (energy kept: {lr['energies'] or lr['energy']}): {len(done)} of "
+                     f"{len(lr['layers'])} layers, MACs {lr['macs_before'] / 1e6:.1f} M → {lr['macs_after'] / 1e6:.1f} M, "
+                     f"params {lr['params_before'] / 1e6:.2f} M → {lr['params_after'] / 1e6:.2f} M; {metric} in torch "
+                     f"after factorization {_metric(lr.get('metric_after_factorization'))}")
+        if done:
+            lines.append("- ranks: " + ", ".join(f"`{r['layer']}` {r['shape'][0]}×{r['shape'][1]} → rank {r['rank']} "
+                                                 f"({r['kept_energy']:.1%} energy)" for r in done))
+        left = [r for r in lr["layers"] if not r.get("params_after")]
+        if left:
+            lines.append("- left alone: " + ", ".join(f"`{r['layer']}` ({r['skipped']})" for r in left[:10])
+                         + (f" … ({len(left)} in all)" if len(left) > 10 else ""))
     return lines
 
 
@@ -181,7 +195,8 @@ def arm_md(c, metric: str) -> list[str]:
     line = (f"  - on aarch64 ({c.device}, {c.runtime}): {c.samples} of {c.of} evaluation samples in {c.seconds:.0f} s: "
             f"{metric} {c.metric:.4f} (host {c.host_metric:.4f} on the same samples); against the host's outputs: "
             f"top-1 agreement {c.top1_agreement:.1%}, max |Δ| {c.max_abs_diff:.3g} = {c.relative_diff:.2%} of the "
-            f"output range (tolerance {c.tolerance:.0%}): **{c.status}**")
+            f"output range, rms(Δ) {c.noise_ratio:.2f}× the artifact's own rms error against fp32 (fails over "
+            f"{c.tolerance:g} when max |Δ| > {c.floor:.0%}): **{c.status}**")
     return [line + (f". {c.reason}" if c.reason else "")]
 
 

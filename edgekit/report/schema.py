@@ -76,7 +76,10 @@ class ArmCheck(_Model):
     """The host's metric on the same samples."""
     max_abs_diff: Optional[float] = None
     relative_diff: Optional[float] = None
-    """``max_abs_diff`` over the largest host output: what the tolerance applies to."""
+    """``max_abs_diff`` over the largest host output (the check passes when it is within ``floor``)."""
+    noise_ratio: Optional[float] = None
+    """rms(ARM - host) / rms(host - fp32 torch reference): what ``tolerance`` applies to."""
+    floor: Optional[float] = None
     top1_agreement: Optional[float] = None
     tolerance: float
     runtime: Optional[str] = None
@@ -147,7 +150,7 @@ class PruneFacts(_Model):
 
     OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("metric_after_prune", "metric_after_recovery", "metric_after_quantize",
                                                "int8_unpruned_metric", "latency_p50_ms", "speedup_vs_int8_unpruned",
-                                               "speedup_vs_int8_unpruned_ci")
+                                               "speedup_vs_int8_unpruned_ci", "low_rank")
 
     ratio: float
     ratios: dict[str, float] = {}
@@ -161,6 +164,10 @@ class PruneFacts(_Model):
     protected: dict[str, int] = {}
     metric_after_prune: Optional[float] = None
     metric_after_recovery: Optional[float] = None
+    low_rank: Optional[dict[str, Any]] = None
+    """``[prune.low_rank]`` (edgekit.prune.lowrank): per layer its shape, rank, kept energy and params
+    before/after (or why it was left alone); the model's MACs and params before/after factorization;
+    the metric after factorization (before recovery)."""
     # filled in by the pipeline once the artifacts are measured:
     metric_after_quantize: Optional[float] = None
     int8_unpruned_metric: Optional[float] = None
