@@ -95,7 +95,7 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
     factorized: set[str] = set()
     if spec.low_rank is not None:
         factorized = _low_rank(model, an, spec.low_rank, round_to, prefix, facts, evaluate)
-    if spec.recover_steps > 0:
+    if spec.recover_steps > 0 and (plan.widths or factorized):
         _recover(model, an, plan, spec, prefix, facts, factorized)
         _forward_check(model, an, "recovery")
         if evaluate is not None:
