@@ -150,12 +150,15 @@ def test_litert_error_naming_a_source_line_keeps_that_line_in_float(exported):
     message = (f"litert PT2E int8 failed: ValueError: Failed to run converter passes: {ZOO_FILE}:{line}:0: error: "
                f"'tfl.reshape' op quantization parameters violate the same scale constraint")
     units = backend.units_of_error(fp32, qo, message)
-    assert units == [f"fusion_zoo.py:{line}"]
+    assert units == [f"fusion_zoo.py:{line}:tfl.reshape"]  # that line's reshapes, and what feeds and reads them
     kept = backend.keep_in_float(qo, units)
     assert kept.float_lines == units and kept.float_modules == qo.float_modules
     gm = torch.export.export(fp32.state.model, (), fp32.state.kwargs).module()
     hit = nodes_at_lines(gm, units)
-    assert {str(n.target).split(".")[-2] for n in hit} >= {"squeeze"}  # the squeezes, and the ops reading them
+    kinds = {str(n.target).split(".")[-2] for n in hit}
+    assert {"squeeze", "cat", "unsqueeze", "transpose"} <= kinds  # the squeezes, what reads them, what feeds them
+    everything = nodes_at_lines(gm, [f"fusion_zoo.py:{line}"])  # no op named: the whole line
+    assert hit <= everything
 
 
 def test_a_converter_error_is_rescued_by_keeping_the_named_op_in_float(data_dir, tmp_path):

@@ -115,3 +115,31 @@ def test_energies_must_name_a_tower(write_recipe):
     path = write_recipe(extra="[prune.low_rank]\nenergies = { text = 1.5 }\n")
     with pytest.raises(InputError, match=r"each energy must be > 0 and <= 1"):
         load_recipe(path)
+
+
+@pytest.mark.slow
+def test_quick_example_with_low_rank_reports_ranks_macs_and_the_latency_effect(tmp_path):
+    import json
+
+    from tests.test_remote_and_gpu_arm import edgekit, recipe
+
+    rec = recipe(tmp_path, ["ort-cpu"])
+    rec.write_text(rec.read_text() + '\n[prune]\nratios = { text = 0.25 }\nrecover_steps = 10\n\n[prune.low_rank]\n'
+                                      'energies = { text = 0.8 }\ninclude = ["*.linear1", "*.linear2"]\nmin_size = 4096\n')
+    p = edgekit("run", rec, "--out", tmp_path / "run")
+    assert p.returncode in (0, 1), p.stderr[-3000:]  # 1: a gate (speed-up) may fail on a tiny model
+    t = json.loads((tmp_path / "run" / "report.json").read_text())["targets"][0]
+    assert t["status"] == "ok", t["reason"]
+    lr = t["prune"]["low_rank"]
+    done = [r for r in lr["layers"] if r.get("params_after")]
+    assert len(done) == len(lr["layers"]) == 4 and lr["factorized"] == 4  # linear1/linear2 of both layers
+    assert all(r["rank"] % 16 == 0 and r["kept_energy"] >= 0.8 for r in done)  # ort-cpu's round_to
+    assert lr["macs_after"] < lr["macs_before"] and lr["params_after"] < lr["params_before"]
+    assert "metric_after_factorization" in lr and "metric_after_recovery" in t["prune"]
+    assert t["extras"]["int8_unpruned"]["latency_ms"]["p50"] > 0 and t["prune"]["speedup_vs_int8_unpruned"] > 0
+    # pruned, then factorized: the pruned unfactorized int8 is timed in the same rounds, to isolate factorization
+    assert t["extras"]["int8_unfactorized"]["latency_ms"]["p50"] > 0 and lr["reference"] == "int8_unfactorized"
+    lo, hi = lr["speedup_vs_unfactorized_int8_ci"]
+    assert lo <= lr["speedup_vs_unfactorized_int8"] <= hi and lr["reference_metric"] > 0.9
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "**low-rank factorization**" in md and "→ rank" in md and "factorization's latency effect here" in md

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgekit.errors import InputError, TargetError
+from edgekit.report.manifest import sha256
 
 SUITE = "bookworm"
 PYTHON = "3.11"
@@ -251,8 +252,8 @@ def prepare(cache_root: Path | None = None, progress: Callable[[str], None] | No
             say(f"aarch64: checking python{PYTHON} + numpy, onnxruntime, ai-edge-litert under qemu ({cpu})")
             info = smoke(tmp, cpu)
             manifest = {"layout": LAYOUT, "suite": SUITE, "qemu": _qemu_info(qemu)[0], "check": info,
-                        "debs": {n: {"file": p.name, "sha256": _sha256(p)} for n, p in debs.items()},
-                        "wheels": {n: {"file": p.name, "sha256": _sha256(p)} for n, p in wheels.items()},
+                        "debs": {n: {"file": p.name, "sha256": sha256(p)} for n, p in debs.items()},
+                        "wheels": {n: {"file": p.name, "sha256": sha256(p)} for n, p in wheels.items()},
                         "built_s": round(time.time() - started, 1)}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             os.rename(tmp, final)
@@ -496,14 +497,6 @@ def _run(cmd: list[str], what: str) -> None:
 def _tail(text: str, lines: int = 3) -> str:
     kept = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept) or "no output"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -439,6 +439,20 @@ def _prune_effect(row: TargetRow) -> None:
 
                 s = ratio_summary(base.latency_ms.rounds_p50, op.latency_ms.rounds_p50)
                 pr.speedup_vs_int8_unpruned, pr.speedup_vs_int8_unpruned_ci = round(s["median"], 3), s["ci"]
+    if pr.low_rank:  # what factorization alone adds: vs the pruned unfactorized int8 (or the unpruned one)
+        ref_name = "int8_unfactorized" if "int8_unfactorized" in (row.extras or {}) else "int8_unpruned"
+        ref = (row.extras or {}).get(ref_name)
+        if ref is not None:
+            pr.low_rank["reference"], pr.low_rank["reference_metric"] = ref_name, ref.metric
+            if ref.p50 and op.p50:
+                pr.low_rank["latency_p50_ms"] = {"unfactorized_int8": ref.p50, "factorized_int8": op.p50}
+                pr.low_rank["speedup_vs_unfactorized_int8"] = round(ref.p50 / op.p50, 3)
+                if ref.latency_ms.rounds_p50 and op.latency_ms.rounds_p50:
+                    from edgekit.measure.timing import ratio_summary
+
+                    s = ratio_summary(ref.latency_ms.rounds_p50, op.latency_ms.rounds_p50)
+                    pr.low_rank["speedup_vs_unfactorized_int8"] = round(s["median"], 3)
+                    pr.low_rank["speedup_vs_unfactorized_int8_ci"] = s["ci"]
 
 
 def _on(device: str, runtime_device: Optional[str]) -> str:

@@ -94,6 +94,7 @@ def build(job: BuildJob) -> BuildResult:
     from edgekit.inputs import exportable
     from edgekit.inputs.model import configure_torch, example_inputs, load_model
     from edgekit.quantize import rescue
+    from edgekit.quantize.quality import prepare
 
     recipe = load_recipe(job.recipe)
     profile = load_profile(job.target, recipe.root)
@@ -126,9 +127,9 @@ def build(job: BuildJob) -> BuildResult:
         return art
 
     result = BuildResult()
-    pruned = None
+    pruned = unfactorized = None
     if recipe.prune is not None:  # prune a copy first: the fp32 baseline below stays the unpruned model
-        pruned = _prune(model, recipe, profile, calib, job.prune_eval, result)
+        pruned, unfactorized = _prune(model, recipe, profile, calib, job.prune_eval, result)
     with step(profile.name, "export fp32") as s:
         fp32 = export(model, out)
     result.timings["export_s"] = s["seconds"]
@@ -163,6 +164,18 @@ def build(job: BuildJob) -> BuildResult:
                 result.quantize_search_error = f"{type(e).__name__}: {e}"
         rescue.attach(opt, rescues, backend.float_units(shipped))
         result.optimized = BuiltArtifact.of(opt)
+        if unfactorized is not None:  # pruned but not factorized: isolates what factorization adds
+            with step(profile.name, "quantize the pruned, unfactorized model (latency reference)"):
+                folder = out / "unfactorized"
+                u_fp32 = export(unfactorized, folder)
+                start_u = prepare(backend, u_fp32, shipped, unfactorized, calib,
+                                  lambda m, name: export(m, folder / "rewritten" / name))
+                art, _ = rescue.quantize(backend, start_u.source or u_fp32, calib, folder, start_u.opts,
+                                         tag=f"[{profile.name}] quantize")
+                for f in u_fp32.files:
+                    Path(f).unlink(missing_ok=True)
+                shutil.rmtree(folder / "rewritten", ignore_errors=True)
+                result.extras["int8_unfactorized"] = BuiltArtifact.of(art)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result.optimized_error = str(e)
     finally:  # rewritten models' fp32 exports are what int8 was built from, not artifacts
@@ -242,16 +255,19 @@ def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: 
             # the user's model file is imported under a per-process name (edgekit.inputs.model.load_model)
             sys.modules.setdefault((cache / "module.txt").read_text(), sys.modules[type(model).__module__])
             pruned = torch.load(cache / "model.pt", weights_only=False)
+            unfactorized = torch.load(cache / "unfactorized.pt", weights_only=False) \
+                if (cache / "unfactorized.pt").is_file() else None
         result.timings["prune_s"] = s["seconds"]
         result.prune = PruneFacts.model_validate({**json.loads((cache / "facts.json").read_text()), "reused": True})
-        return pruned
+        return pruned, unfactorized
     evaluate = None
     if prune_eval:
         evaluate = torch_evaluator(recipe.model.inputs, prune_eval.eval, np.load(prune_eval.reference),
                                    recipe.data.metric, prune_eval.limit)
+    keep: dict = {}
     with step(profile.name, "prune + recover") as s:
         pruned, facts = prune_model(copy.deepcopy(model), recipe.model.inputs, calib, recipe.prune,
-                                    profile.prune.round_to, profile.name, evaluate)
+                                    profile.prune.round_to, profile.name, evaluate, keep)
     result.timings["prune_s"] = s["seconds"]
     result.prune = PruneFacts.model_validate(facts)
     if cache is not None:
@@ -259,9 +275,11 @@ def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: 
 
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(pruned, cache / "model.pt")
+        if "unfactorized" in keep:
+            torch.save(keep["unfactorized"], cache / "unfactorized.pt")
         (cache / "module.txt").write_text(type(model).__module__)
         (cache / "facts.json").write_text(json.dumps(facts))
-    return pruned
+    return pruned, keep.get("unfactorized")
 
 
 # -- measure, time, ab ---------------------------------------------------------------------------------

@@ -59,10 +59,12 @@ class _Analysis:
 
 def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: PruneSpec, round_to: int,
                 prefix: str = "prune", evaluate: Optional[Callable[[nn.Module], float]] = None,
-                ) -> tuple[nn.Module, dict]:
+                keep: Optional[dict] = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place (and return it) per ``spec``; return the facts for the report.
     Steps: analyse (towers, attention, Taylor importance) -> choose the ratio scale (MACs budget) ->
-    prune -> recover (distillation, BatchNorm) -> freeze."""
+    prune -> factorize (``spec.low_rank``) -> recover (distillation, BatchNorm) -> freeze. ``keep``: when
+    both pruning and factorization run, ``keep["unfactorized"]`` gets the pruned model before
+    factorization (the latency reference that isolates what factorization adds)."""
     model.eval()
     facts: dict = {"ratio": spec.ratio, "ratios": dict(spec.ratios), "round_to": round_to,
                    "recover_steps": spec.recover_steps, "params_before": count_params(model)}
@@ -94,6 +96,10 @@ def prune_model(model: nn.Module, specs: Sequence[InputSpec], calib, spec: Prune
         facts["metric_after_prune"] = round(evaluate(model), 6)
     factorized: set[str] = set()
     if spec.low_rank is not None:
+        if keep is not None and plan.widths:
+            keep["unfactorized"] = copy.deepcopy(model).eval()
+            for p in keep["unfactorized"].parameters():
+                p.requires_grad_(False)
         factorized = _low_rank(model, an, spec.low_rank, round_to, prefix, facts, evaluate)
     if spec.recover_steps > 0 and (plan.widths or factorized):
         _recover(model, an, plan, spec, prefix, facts, factorized)

@@ -93,6 +93,12 @@ def prune_markdown(row: TargetRow, metric: str) -> list[str]:
                      f"{len(lr['layers'])} layers, MACs {lr['macs_before'] / 1e6:.1f} M → {lr['macs_after'] / 1e6:.1f} M, "
                      f"params {lr['params_before'] / 1e6:.2f} M → {lr['params_after'] / 1e6:.2f} M; {metric} in torch "
                      f"after factorization {_metric(lr.get('metric_after_factorization'))}")
+        if lr.get("speedup_vs_unfactorized_int8"):
+            lat, ci = lr["latency_p50_ms"], lr.get("speedup_vs_unfactorized_int8_ci")
+            lines.append(f"- factorization's latency effect here (`{lr['reference']}`, same quantization options, same "
+                         f"rounds): unfactorized int8 p50 {lat['unfactorized_int8']:.3f} ms → factorized int8 "
+                         f"{lat['factorized_int8']:.3f} ms (**{lr['speedup_vs_unfactorized_int8']:.2f}×**"
+                         + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci else "") + ")")
         if done:
             lines.append("- ranks: " + ", ".join(f"`{r['layer']}` {r['shape'][0]}×{r['shape'][1]} → rank {r['rank']} "
                                                  f"({r['kept_energy']:.1%} energy)" for r in done))

@@ -18,6 +18,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from edgekit.backends.base import Artifact, Backend, Fix, Options, first_lines, synthetic_array
+from edgekit.backends.litert.remote_runner import from_output, output_order, to_input
 from edgekit.errors import TargetError
 from edgekit.progress import bar
 
@@ -329,24 +330,12 @@ class _LiteRtRunner:
 
     def _feed(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = list(feeds.values())
-        out = {}
-        for name, d in self.in_details.items():
-            x = values[int(name.split("_")[1])] if self.positional else feeds[name]
-            dtype = np.dtype(d["dtype"])
-            scale, zero = d["quantization"]
-            if x.dtype.kind == "f" and dtype.kind in "iu" and scale:
-                info = np.iinfo(dtype)
-                x = np.clip(np.round(x / scale) + zero, info.min, info.max)
-            out[name] = x.astype(dtype, copy=False)
-        return out
+        return {name: to_input(values[int(name.split("_")[1])] if self.positional else feeds[name], d)
+                for name, d in self.in_details.items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         res = self.runner(**self._feed(feeds))
-        outs = []
-        for name in sorted(res, key=_output_order):
-            y, (scale, zero) = res[name], self.out_details[name]["quantization"]
-            outs.append((y.astype(np.float32) - zero) * scale if y.dtype.kind in "iu" and scale else y)
-        return outs
+        return [from_output(res[name], self.out_details[name]) for name in sorted(res, key=output_order)]
 
     def signature(self) -> dict:
         def io(details):
@@ -360,8 +349,3 @@ class _LiteRtRunner:
         return {name: synthetic_array([int(s) for s in d["shape"]], np.float32 if d["quantization"][0]
                                       else d["dtype"], rng)
                 for name, d in self.in_details.items()}
-
-
-def _output_order(name: str):
-    tail = name.rsplit("_", 1)[-1]
-    return (0, int(tail)) if tail.isdigit() else (1, name)

@@ -23,9 +23,30 @@ def _machine():
             "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
 
 
-def _order(name):
+def output_order(name):
+    """Signature outputs in the model's order (``output_0``, ``output_1``, ...)."""
     tail = name.rsplit("_", 1)[-1]
     return (0, int(tail)) if tail.isdigit() else (1, name)
+
+
+def to_input(x, detail):
+    """A recipe input as the interpreter takes it: a float array quantized into an int8 input."""
+    import numpy as np
+
+    dtype = np.dtype(detail["dtype"])
+    scale, zero = detail["quantization"]
+    if x.dtype.kind == "f" and dtype.kind in "iu" and scale:
+        info = np.iinfo(dtype)
+        x = np.clip(np.round(x / scale) + zero, info.min, info.max)
+    return x.astype(dtype, copy=False)
+
+
+def from_output(y, detail):
+    """An output as float: an integer output dequantized."""
+    import numpy as np
+
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale if y.dtype.kind in "iu" and scale else y
 
 
 def run(job):
@@ -45,25 +66,15 @@ def run(job):
     order = list(samples)
 
     def feed(i):
-        out = {}
-        for name, d in ins.items():
-            x = samples[order[int(name.split("_")[1])]][i] if positional else samples[name][i]
-            dtype = np.dtype(d["dtype"])
-            scale, zero = d["quantization"]
-            if x.dtype.kind == "f" and dtype.kind in "iu" and scale:
-                info = np.iinfo(dtype)
-                x = np.clip(np.round(x / scale) + zero, info.min, info.max)
-            out[name] = x.astype(dtype, copy=False)
-        return out
+        return {name: to_input(samples[order[int(name.split("_")[1])]][i] if positional else samples[name][i], d)
+                for name, d in ins.items()}
 
-    first = sorted(outs_d, key=_order)[0]
-    scale, zero = outs_d[first]["quantization"]
+    first = sorted(outs_d, key=output_order)[0]
     outs, t0 = [], time.perf_counter()
     for i in range(len(samples[order[0]])):
         if outs and time.perf_counter() - t0 > job["budget_s"]:
             break
-        y = runner(**feed(i))[first]
-        y = (y.astype(np.float32) - zero) * scale if y.dtype.kind in "iu" and scale else y
+        y = from_output(runner(**feed(i))[first], outs_d[first])
         outs.append(np.asarray(y, dtype=np.float32).reshape(-1))
     np.save(job["outputs"], np.stack(outs))
     return {"ok": True, "samples": len(outs), "seconds": round(time.perf_counter() - t0, 2),
