@@ -53,6 +53,9 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # ratios = { image = 0.4, text = 0.2 } # per tower, by input modality
   # recover_steps = 200                  # label-free distillation steps from the fp32 model; 0 = none
   # macs_budget = 0.75                   # or: keep at most this share of the MACs (ratios scaled)
+  # [prune.low_rank]                     # optional: low-rank factorization after pruning
+  # energies = { text = 0.85 }           # per tower: share of each weight's squared singular values kept
+  # include = ["*.intermediate.dense"]   # module-name patterns (default: every Linear)
 
 Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
 report.html, manifest.json (sha256 of every artifact file), artifacts/<target>/ (fp32 and

@@ -90,11 +90,10 @@ def build(job: BuildJob) -> BuildResult:
     from edgekit.backends import get_backend
     from edgekit.config.profiles import load_profile
     from edgekit.config.recipe import load_recipe
-    from edgekit.inputs.data import load_calibration
     from edgekit.inputs import exportable
+    from edgekit.inputs.data import load_calibration
     from edgekit.inputs.model import configure_torch, example_inputs, load_model
     from edgekit.quantize import rescue
-    from edgekit.quantize.quality import prepare
 
     recipe = load_recipe(job.recipe)
     profile = load_profile(job.target, recipe.root)
@@ -168,13 +167,9 @@ def build(job: BuildJob) -> BuildResult:
             with step(profile.name, "quantize the pruned, unfactorized model (latency reference)"):
                 folder = out / "unfactorized"
                 u_fp32 = export(unfactorized, folder)
-                start_u = prepare(backend, u_fp32, shipped, unfactorized, calib,
-                                  lambda m, name: export(m, folder / "rewritten" / name))
-                art, _ = rescue.quantize(backend, start_u.source or u_fp32, calib, folder, start_u.opts,
-                                         tag=f"[{profile.name}] quantize")
+                art = _int8_like(backend, u_fp32, unfactorized, shipped, calib, folder, export, profile.name)
                 for f in u_fp32.files:
                     Path(f).unlink(missing_ok=True)
-                shutil.rmtree(folder / "rewritten", ignore_errors=True)
                 result.extras["int8_unfactorized"] = BuiltArtifact.of(art)
     except TargetError as e:  # keep the fp32 artifact: it is still worth verifying and timing
         result.optimized_error = str(e)
@@ -189,9 +184,8 @@ def build(job: BuildJob) -> BuildResult:
 def _quantize(backend, fp32, model, opts, calib, out: Path, export, target: str, rescues: Optional[list] = None):
     """The first quantization: the profile's options with the quality methods
     (``edgekit.quantize.quality``). Returns (what it was built with, the artifact)."""
-    from edgekit.quantize.quality import prepare
-
     from edgekit.quantize import rescue
+    from edgekit.quantize.quality import prepare
 
     start = prepare(backend, fp32, opts, model, calib, lambda m, name: export(m, out / "rewritten" / name),
                     tag=f"[{target}] quantize")
@@ -224,18 +218,25 @@ def _unpruned_like_shipped(result: BuildResult, backend, fp32, model, calib, out
     """Rebuild the ``int8_unpruned`` reference with the options the search chose for the pruned model
     (same layers kept in float, by name; the same quality methods), so the latency comparison isolates
     what pruning adds."""
-    from edgekit.quantize import rescue
-    from edgekit.quantize.quality import prepare
-
     for f in result.extras["int8_unpruned"].files:
         Path(f).unlink(missing_ok=True)
     with step(target, "quantize the unpruned model with the shipped artifact's options (latency reference)"):
         folder = out / "unpruned_like_shipped"
         folder.mkdir(exist_ok=True)
-        start = prepare(backend, fp32, chosen, model, calib, lambda m, name: export(m, folder / "rewritten" / name))
-        art, _ = rescue.quantize(backend, start.source or fp32, calib, folder, start.opts, tag=f"[{target}] quantize")
-        result.extras["int8_unpruned"] = BuiltArtifact.of(art)
-        shutil.rmtree(folder / "rewritten", ignore_errors=True)
+        result.extras["int8_unpruned"] = BuiltArtifact.of(_int8_like(backend, fp32, model, chosen, calib, folder,
+                                                                     export, target))
+
+
+def _int8_like(backend, fp32, model, opts, calib, folder: Path, export, target: str):
+    """A latency reference: ``model`` (exported as ``fp32``) quantized like the shipped artifact (the same
+    options, hence the same layers in float by name, and the same quality methods)."""
+    from edgekit.quantize import rescue
+    from edgekit.quantize.quality import prepare
+
+    start = prepare(backend, fp32, opts, model, calib, lambda m, name: export(m, folder / "rewritten" / name))
+    art, _ = rescue.quantize(backend, start.source or fp32, calib, folder, start.opts, tag=f"[{target}] quantize")
+    shutil.rmtree(folder / "rewritten", ignore_errors=True)
+    return art
 
 
 def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: BuildResult):
