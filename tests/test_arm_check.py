@@ -32,6 +32,15 @@ def test_verify_device_must_be_host_or_qemu_cpu(tmp_path):
     assert str(prof) in str(e.value) and "verify.device" in str(e.value) and "qemu:<cpu>" in str(e.value)
 
 
+@needs_qemu
+def test_an_unknown_qemu_cpu_is_the_profiles_error_before_anything_runs(tmp_path):
+    prof = tmp_path / "board.toml"
+    prof.write_text('name = "board"\nbackend = "onnxruntime"\n[verify]\ndevice = "qemu:cortex-z99"\n')
+    with pytest.raises(InputError) as e:
+        load_profile(str(prof))
+    assert str(prof) in str(e.value) and "'cortex-z99'" in str(e.value) and "cortex-a72" in str(e.value)
+
+
 def test_arm_targets_ask_for_the_emulated_check():
     assert load_profile("ort-arm").verify.device == "qemu:cortex-a72"
     assert load_profile("tflite-mobile").verify.device == "qemu:cortex-a76"

@@ -160,7 +160,22 @@ def load_profile(name_or_path: str, base: Optional[Path] = None) -> Profile:
 
     get_backend(prof.backend).validate_options(prof)  # raises InputError naming the profile
     _check_device(prof, f"target profile {path}")
+    _check_verify_cpu(prof, f"target profile {path}")
     return prof
+
+
+def _check_verify_cpu(prof: Profile, where: str) -> None:
+    """A ``qemu:<cpu>`` the installed qemu does not know is the profile's error, before anything is built
+    (without qemu the check is skipped at run time, with the reason)."""
+    if not prof.verify.device.startswith("qemu:"):
+        return
+    from edgekit.measure import aarch64
+
+    known = aarch64.cpus()
+    cpu = prof.verify.device.partition(":")[2]
+    if known and cpu.split(",")[0] not in known:
+        raise InputError(f"{where}: verify.device {prof.verify.device!r}: qemu does not know the aarch64 cpu "
+                         f"{cpu.split(',')[0]!r}; valid ones: {', '.join(known)}")
 
 
 _USER = r"[A-Za-z0-9._][A-Za-z0-9._-]*"
