@@ -68,7 +68,9 @@ def load_model(recipe: Recipe) -> nn.Module:
         raise InputError(f"{where}: file {path} not found")
     # A stable name (not hash(), which is salted per process): it ends up in exported graphs' metadata,
     # and artifacts must be byte-identical run to run (manifest.json).
-    mod_name = f"edgekit_user_model_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+    # From the file's bytes, not its path: the same model built from another checkout or on another
+    # node of a cluster (edgekit.orchestrate.executor) gives the same artifact.
+    mod_name = f"edgekit_user_model_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))  # let the user's file import its neighbours

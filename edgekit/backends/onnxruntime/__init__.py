@@ -8,6 +8,7 @@ wrecks MinMax ranges. Every choice is a profile option.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,6 +84,7 @@ class OnnxRuntimeBackend(Backend):
                               opset_version=opts.opset, external_data=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - exporter errors are many types
             raise TargetError(f"torch.onnx.export failed: {type(e).__name__}: {first_lines(e)}") from None
+        _portable_traces(path)
         # state: calibration ranges computed for this graph, reused by later builds of the same search
         # that only keep more nodes in float (ORT's calibration_cache_path; see _ranges_file)
         return Artifact(path=path, precision="fp32", details={"opset": opts.opset}, state=_Ranges())
@@ -321,6 +323,32 @@ class _OrtRunner:
         return {name: synthetic_array([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
                                       _ORT_DTYPES.get(i.type, "float32"), rng)
                 for name, i in self.inputs.items()}
+
+
+def _portable_traces(path: Path) -> None:
+    """The exporter's per-node Python stack traces name files by absolute path (the model's checkout, the
+    venv): keep them (a node's source line helps debugging) without the machine-specific prefixes, so
+    the same model gives the same bytes from any folder or cluster node (report manifest's sha256)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    changed = False
+    for g in [m.graph, *(f for f in m.functions)]:
+        for n in g.node:
+            for p in n.metadata_props:
+                if p.key == "pkg.torch.onnx.stack_trace" and 'File "/' in p.value:
+                    p.value, changed = _TRACE_FILE.sub(_portable_file, p.value), True
+    if changed:
+        onnx.save(m, str(path))
+
+
+_TRACE_FILE = re.compile(r'File "([^"]+)"')
+
+
+def _portable_file(m: "re.Match") -> str:
+    path = m.group(1)
+    i = path.rfind("site-packages/")
+    return f'File "{path[i + len("site-packages/"):] if i >= 0 else Path(path).name}"'
 
 
 class _Ranges:
