@@ -85,8 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                         ("ci", "like run, then enforce the recipe's [gates]: exit 1 if one fails")):
         r = sub.add_parser(name, help=help_, description=help_ + ".", epilog=RECIPE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        r.add_argument("recipe", nargs="?", default="edgekit.toml",
-                       help="recipe file or a folder holding edgekit.toml (default: ./edgekit.toml)")
+        if name == "run":
+            r.add_argument("recipe", nargs="*", default=["edgekit.toml"],
+                           help="recipe file(s) or folder(s) holding edgekit.toml (default: ./edgekit.toml); several "
+                                "make a matrix: a report per recipe in <out>/<model name>/ and matrix.md + "
+                                "matrix.json across them in <out> (default runs/)")
+        else:
+            r.add_argument("recipe", nargs="?", default="edgekit.toml",
+                           help="recipe file or a folder holding edgekit.toml (default: ./edgekit.toml)")
         r.add_argument("--targets", nargs="+", metavar="TARGET",
                        help="run these targets instead of the recipe's (names or profile paths)")
         r.add_argument("--out", metavar="DIR", help="output directory (default: runs/<model name>)")
@@ -94,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="time every target there instead of its profile's device: host, "
                             "ssh:[user@]host[:port] (a Linux board with python3 + numpy + onnxruntime; "
                             "ssh keys/agent/config, never a password prompt) or adb:SERIAL")
+        r.add_argument("--cluster", metavar="ADDRESS",
+                       help="run the build and measurement jobs as Ray tasks (pip install 'edgekit-deploy[cluster]' "
+                            "here and on every node): auto (the cluster this machine joined with `ray start`), "
+                            "local (a Ray instance for this run), HOST:PORT (the head's address) or ray://HOST:PORT "
+                            "(Ray Client); targets run at once, builds on any node with a CPU, each target's "
+                            "verification + timing on a node advertising its profile's resources (default: "
+                            "worker processes here, one job at a time; or the recipe's [run] cluster)")
         r.add_argument("--no-cache", action="store_true",
                        help="build everything afresh and store nothing ($EDGEKIT_CACHE, default ~/.cache/edgekit, "
                             "holds exports, calibrations and fp32 reference outputs keyed by their inputs)")
@@ -224,22 +237,77 @@ def _raise_interrupt(signum, frame):
 
 
 def _run(args) -> int:
+    from edgekit.orchestrate.executor import open_executor
 
+    recipes = args.recipe if isinstance(args.recipe, list) else [args.recipe]
+    for flag in ("junit", "summary"):  # written after the run: checked before it
+        if getattr(args, flag, None):
+            _check_writable(Path(getattr(args, flag)), f"--{flag}")
+    executor = open_executor(args.cluster or _recipe_cluster(recipes))  # unreachable: exit 2 before any work
+    try:
+        if len(recipes) > 1:
+            return _run_matrix(args, recipes, executor)
+        args.recipe = recipes[0]
+        return _run_one(args, executor)
+    except BaseException:
+        executor.cancel_all()
+        raise
+    finally:
+        executor.close()
+
+
+def _recipe_cluster(recipes: list[str]) -> Optional[str]:
+    """The recipes' ``[run] cluster`` (they must agree)."""
+    from edgekit.config.recipe import load_recipe
+
+    wanted = {str(r): load_recipe(r).run.cluster for r in recipes}
+    values = set(wanted.values())
+    if len(values) > 1:
+        raise InputError("the recipes ask for different [run] cluster values ("
+                         + ", ".join(f"{r}: {c or 'none'}" for r, c in wanted.items())
+                         + "); give --cluster to choose one")
+    return values.pop()
+
+
+def _run_matrix(args, recipes: list[str], executor) -> int:
+    from edgekit.orchestrate import pipeline
+    from edgekit.orchestrate.cache import Cache
+    from edgekit.report import terminal
+
+    entries, folder = pipeline.run_matrix(recipes, args.targets, args.out, args.device,
+                                          cache=Cache.open(not args.no_cache, args.reuse), executor=executor)
+    code = EXIT_OK
+    for e in entries:
+        print()
+        if "error" in e:
+            print(f"{e['recipe']}: error: {e['error']}")
+            code = max(code, EXIT_BAD_INPUT)
+            continue
+        doc = e["report"]
+        print(f"{e['recipe']} ({doc.model.name}, {e['seconds']:.0f} s): {Path(e['out']) / 'report.html'}")
+        print(terminal.table(doc, list(doc.gates)))
+        for t in doc.targets:
+            if t.status == "failed" and not t.budget_missed:
+                print(f"target failed: {doc.model.name} / {t.name}: {t.reason.splitlines()[0]}")
+                code = max(code, EXIT_TARGET_FAILED)
+    print(f"\nmatrix: {folder / 'matrix.md'} (and matrix.json): {len(entries)} recipes")
+    return code
+
+
+def _run_one(args, executor) -> int:
     from edgekit import report
     from edgekit.release import baseline, gates, junit
     from edgekit.report import terminal
     from edgekit.orchestrate import pipeline
     from edgekit.orchestrate.cache import Cache
 
-    for flag in ("junit", "summary"):  # written after the run: checked before it
-        if getattr(args, flag, None):
-            _check_writable(Path(getattr(args, flag)), f"--{flag}")
     base = baseline.load(args.baseline) if getattr(args, "baseline", None) else None  # bad input: before any work
     if base is not None:
         from edgekit.config.recipe import load_recipe
 
         baseline.check_matches(base, load_recipe(args.recipe), args.baseline)
-    doc = pipeline.run(args.recipe, args.targets, args.out, args.device, cache=Cache.open(not args.no_cache, args.reuse))
+    doc = pipeline.run(args.recipe, args.targets, args.out, args.device, cache=Cache.open(not args.no_cache, args.reuse),
+                       executor=executor)
     out = Path(args.out) if args.out else Path("runs") / doc.model.name
     results = list(doc.gates)
     if base is not None:

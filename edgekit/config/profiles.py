@@ -98,6 +98,10 @@ class Profile(BaseModel):
     arch: Optional[str] = None
     """The CPU architecture this target's latency stands for (``aarch64``, ``x86_64``). On a host of
     another architecture latency is not measured (host numbers are never passed off as ARM numbers)."""
+    resources: dict[str, float] = {}
+    """What a Ray node must advertise to verify and time this target under ``edgekit run --cluster``
+    (``{aarch64 = 1}``, ``{GPU = 1}``, a named board: ``ray start --resources '{"pixel8": 1}'``); builds go
+    to any node. Empty: any node with a free CPU. Without a cluster it is not used."""
     remote_python: str = "python3"
     """The command that runs Python on an ``ssh:`` device (``python3``, ``/opt/venv/bin/python``, ...);
     that Python needs numpy and the runtime (onnxruntime)."""
@@ -113,6 +117,17 @@ class Profile(BaseModel):
     @classmethod
     def _device(cls, v: str) -> str:
         return check_device(v)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, n in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", k) or k == "CPU":
+                raise ValueError(f"resource {k!r}: expected a Ray resource name (letters, digits, '_', '.', '-'; "
+                                 f"GPU or a custom one; CPU is not a device)")
+            if not n > 0:
+                raise ValueError(f"resource {k!r}: amount {n:g} must be > 0")
+        return v
 
 
 def profile_dirs() -> list[Path]:

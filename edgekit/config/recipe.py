@@ -179,6 +179,26 @@ class QuantizeSpec(_Strict):
     distill_lr: float = Field(default=1e-5, gt=0)
 
 
+class RunSpec(_Strict):
+    """``[run]``: where the jobs run (``edgekit run --cluster`` overrides it)."""
+
+    cluster: Optional[str] = None
+    """None: worker processes on this machine. ``auto`` | ``local`` | ``HOST:PORT`` | ``ray://HOST:PORT``: Ray
+    tasks on that cluster (README, "Running on a cluster")."""
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from edgekit.orchestrate.executor import check_address
+
+            try:
+                check_address(v)
+            except InputError as e:
+                raise ValueError(str(e).removeprefix("--cluster ")) from None
+        return v
+
+
 class Recipe(_Strict):
     targets: list[str] = Field(min_length=1)
     model: ModelSpec
@@ -186,6 +206,7 @@ class Recipe(_Strict):
     gates: Gates = Gates()
     quantize: QuantizeSpec = QuantizeSpec()
     prune: Optional[PruneSpec] = None
+    run: RunSpec = RunSpec()
 
     # Filled in by load_recipe, not by the user.
     path: Path = Field(default=Path("edgekit.toml"), exclude=True)

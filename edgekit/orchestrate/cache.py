@@ -358,7 +358,7 @@ class Keys:
     def for_run(cls, recipe, model, calib_path: Path, eval_path: Path) -> "Keys":
         src = recipe.model.source
         src_file = recipe.resolve(src.rpartition(":")[0] if not src.endswith(".pt2") else src)
-        spec = recipe.model_dump(mode="json", exclude={"gates"})
+        spec = recipe.model_dump(mode="json", exclude={"gates", "run"})  # where jobs run: not what they make
         # How a path is spelled does not matter, what it holds does: the model source as an absolute
         # path, the data files by their sha256 (below) instead of their paths.
         spec["model"]["source"] = str(src_file) + (src[len(src.rpartition(":")[0]):] if not src.endswith(".pt2") else "")

@@ -48,12 +48,15 @@ class PruneEval(_Job):
 class BuildJob(_Job):
     """Export fp32 + quantize (+ prune, + search) one target."""
 
-    LOCATIONS = frozenset({"out", "recipe"})  # the recipe's content is part of the cache key on its own
+    LOCATIONS = frozenset({"out", "recipe", "relocated"})  # the recipe's content is in the cache key on its own
     recipe: str
     target: str
     out: str
     search: Optional[SearchSpec] = None
     prune_eval: Optional[PruneEval] = None
+    relocated: dict[str, str] = {}
+    """On a cluster node: where the recipe's absolute ``calibration`` / ``evaluation`` / ``model`` paths
+    were copied (``edgekit.orchestrate.executor``); relative ones resolve as written."""
 
     def identity(self) -> dict:
         d = super().identity()
@@ -107,6 +110,9 @@ class MeasureJob(_Job):
     """Run every evaluation sample and save the outputs; False when they are known (cached): only
     the first sample runs before timing."""
     outputs: str
+    arch: Optional[str] = None
+    """The CPU architecture the target's latency stands for (the profile's ``arch``): where the worker
+    runs on another one, its result says latency cannot be measured there."""
 
     def identity_of_outputs(self) -> dict:
         """What the outputs depend on (not the timing settings)."""
@@ -115,6 +121,8 @@ class MeasureJob(_Job):
 
 class MeasureResult(BaseModel):
     load_ms: float
+    unmeasurable: Optional[str] = None
+    """Why latency cannot be taken where this job ran (another architecture, a missing provider)."""
     runtime_device: Optional[str] = None
     io: Optional[dict[str, Any]] = None
     latency_ms: Optional[Latency] = None

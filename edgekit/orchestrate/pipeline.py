@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,11 @@ def check_output_dir(out: Path) -> None:
         raise InputError(f"output directory {out}: not writable ({e.strerror or e})") from None
 
 
+TORCH = threading.RLock()
+"""Held while a recipe's model is built and run here: user model code (global RNG seeds, imports) is
+not thread-safe, and a matrix on a cluster runs its recipes in threads."""
+
+
 @dataclass
 class _Run:
     """What every target of one run shares."""
@@ -96,13 +102,25 @@ class _Run:
     fp32_metric: float
     cache: Cache
     keys: Optional[Keys]
+    executor: object = None
+    """``edgekit.orchestrate.executor``: worker processes here, or Ray tasks on a cluster."""
+
+    @property
+    def here(self) -> bool:
+        """Jobs run on this machine (measurement caches keyed by this machine apply)."""
+        return self.executor is None or self.executor.name == "local"
+
+    def group(self, prof: Profile) -> str:
+        """One target of one recipe: its verification and timing jobs go to one node."""
+        return f"{self.recipe.path}::{prof.name}"
 
 
 def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
         out: Optional[str | Path] = None, device: Optional[str] = None,
-        cache: Optional[Cache] = None) -> Report:
+        cache: Optional[Cache] = None, executor=None) -> Report:
     """Run the whole pipeline; return the report (also written to ``<out>/report.json``).
-    ``cache``: see ``edgekit.orchestrate.cache`` (default: the user's cache, re-measuring cached builds)."""
+    ``cache``: see ``edgekit.orchestrate.cache`` (default: the user's cache, re-measuring cached builds).
+    ``executor``: ``edgekit.orchestrate.executor`` (default: worker processes here, one job at a time)."""
     from edgekit.inputs.data import check_disjoint, load_calibration, load_evaluation
     from edgekit.inputs.model import check_forward, configure_torch, load_model
 
@@ -112,43 +130,75 @@ def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
     calib = load_calibration(recipe)
     evals = load_evaluation(recipe)
     check_disjoint(calib, evals)
-    model = load_model(recipe)
-    check_forward(model, recipe.model.inputs, evals.sample(0))
-    cache = cache if cache is not None else Cache.open()
-    keys = Keys.for_run(recipe, model, calib.path, evals.path) if cache.enabled else None
+    with TORCH:
+        model = load_model(recipe)
+        check_forward(model, recipe.model.inputs, evals.sample(0))
+        cache = cache if cache is not None else Cache.open()
+        keys = Keys.for_run(recipe, model, calib.path, evals.path) if cache.enabled else None
 
     with _lock(prep.out):
-        return _run_locked(prep, recipe, calib, evals, model, cache, keys)
+        return _run_locked(prep, recipe, calib, evals, model, cache, keys, executor)
 
 
-def _run_locked(prep: Prepared, recipe: Recipe, calib, evals, model, cache: Cache, keys) -> Report:
-    from edgekit.inputs.model import count_macs, count_params, example_inputs, reference_outputs
+def run_matrix(recipe_paths: Sequence[str | Path], targets: Optional[Sequence[str]] = None,
+               out: Optional[str | Path] = None, device: Optional[str] = None, cache: Optional[Cache] = None,
+               executor=None) -> tuple[list[dict], Path]:
+    """Several recipes in one call: each gets its own output folder and report (``<out>/<model name>``,
+    default ``runs/<model name>``); ``matrix.json`` + ``matrix.md`` in ``out`` (default ``runs``) hold one
+    line per model x target. Recipes run one after the other here, all at once on a cluster. A recipe
+    that fails (bad input, a crash) is an ``error`` line; the others still run. Returns the entries
+    (``edgekit.report.matrix.rows``) and the summary's folder."""
+    import time
 
+    from edgekit.report import matrix
+
+    parent = Path(out) if out else Path("runs")
+    preps = [prepare(r, targets, None, device) for r in recipe_paths]  # every recipe checked before any runs
+    seen: dict[str, str] = {}
+    for r, p in zip(recipe_paths, preps):
+        name = p.recipe.name
+        if name in seen:
+            raise InputError(f"{r}: model name {name!r} is also {seen[name]}'s; each recipe of a matrix writes "
+                             f"<out>/<model name>: give one of them [model] name = \"...\"")
+        seen[name] = str(r)
+    outs = [parent / p.recipe.name for p in preps]
+    for o in outs:
+        check_output_dir(o)
+    t0 = time.monotonic()
+
+    def one(r, o) -> dict:
+        start = time.monotonic()
+        entry: dict = {"recipe": str(r), "out": str(o)}
+        try:
+            entry["report"] = run(r, targets, o, device, cache=cache, executor=executor)
+        except (InputError, TargetError) as e:
+            entry["error"] = str(e)
+            say(f"[matrix] {r}: {e}")
+        entry["seconds"] = time.monotonic() - start
+        return entry
+
+    calls = [lambda r=r, o=o: one(r, o) for r, o in zip(recipe_paths, outs)]
+    if executor is None or executor.name == "local":
+        entries = [c() for c in calls]
+    else:
+        entries = concurrently(calls, executor)
+    matrix.write(parent, entries, None if executor is None or executor.name == "local" else executor.address,
+                 time.monotonic() - t0)
+    return entries, parent
+
+
+def _run_locked(prep: Prepared, recipe: Recipe, calib, evals, model, cache: Cache, keys, executor=None) -> Report:
     # A fresh, private (0700) staging folder per run, created (never followed) next to the output.
     staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.partial-", dir=prep.out.parent))
     (staging / "logs").mkdir()
     try:
-        with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
-            reference, hit = cache.array(keys.reference() if keys else "", lambda: reference_outputs(
-                model, recipe.model.inputs, bar(evals, len(evals), "fp32 torch")))
-            _check_reference(recipe, reference, evals)
-            fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
-            s["note"] = ("cached; " if hit else "") + f"{recipe.data.metric} = {fp32_metric:.4f}"
-        from edgekit import report
-
-        doc = Report(
-            edgekit_version=__version__, created=report.now(), machine=Machine(**machine()),
-            recipe={"path": str(recipe.path), "sha256": recipe.digest()},
-            model=ModelInfo(name=recipe.name, source=recipe.model.source, params=count_params(model),
-                            macs=cache.value(keys.macs() if keys else "", lambda: count_macs(
-                                model, example_inputs(recipe.model.inputs, evals.sample(0)))),
-                            inputs=[i.model_dump() for i in recipe.model.inputs]),
-            calibration={"path": str(calib.path), "n": len(calib)},
-            eval=EvalInfo(path=str(evals.path), metric=recipe.data.metric, n=len(evals),
-                          fp32_torch=round(fp32_metric, 6)))
+        with TORCH:
+            doc, reference, fp32_metric = _reference(recipe, calib, evals, model, cache, keys)
         del model
-        shared = _Run(recipe, staging, reference, evals.labels, fp32_metric, cache, keys)
-        doc.targets = [run_target(prof, shared) for prof in prep.profiles]
+        shared = _Run(recipe, staging, reference, evals.labels, fp32_metric, cache, keys, executor)
+        doc.targets = run_targets(prep.profiles, shared)
+        if not shared.here:
+            doc.cluster = executor.address
         doc.gates = gates.evaluate(recipe.gates, doc.targets)
         shutil.rmtree(staging / "prune_cache", ignore_errors=True)
         doc.cache = {"enabled": cache.enabled, "root": str(cache.root) if cache.enabled else None,
@@ -166,6 +216,30 @@ def _run_locked(prep: Prepared, recipe: Recipe, calib, evals, model, cache: Cach
     return doc
 
 
+def _reference(recipe: Recipe, calib, evals, model, cache: Cache, keys) -> tuple[Report, np.ndarray, float]:
+    """The fp32 torch outputs every artifact is judged against, and the report's head."""
+    from edgekit import report
+    from edgekit.inputs.model import count_macs, count_params, example_inputs, reference_outputs
+
+    with step("model", f"fp32 torch reference on {len(evals)} evaluation samples") as s:
+        reference, hit = cache.array(keys.reference() if keys else "", lambda: reference_outputs(
+            model, recipe.model.inputs, bar(evals, len(evals), "fp32 torch")))
+        _check_reference(recipe, reference, evals)
+        fp32_metric = score(recipe.data.metric, reference, reference, evals.labels)
+        s["note"] = ("cached; " if hit else "") + f"{recipe.data.metric} = {fp32_metric:.4f}"
+    doc = Report(
+        edgekit_version=__version__, created=report.now(), machine=Machine(**machine()),
+        recipe={"path": str(recipe.path), "sha256": recipe.digest()},
+        model=ModelInfo(name=recipe.name, source=recipe.model.source, params=count_params(model),
+                        macs=cache.value(keys.macs() if keys else "", lambda: count_macs(
+                            model, example_inputs(recipe.model.inputs, evals.sample(0)))),
+                        inputs=[i.model_dump() for i in recipe.model.inputs]),
+        calibration={"path": str(calib.path), "n": len(calib)},
+        eval=EvalInfo(path=str(evals.path), metric=recipe.data.metric, n=len(evals),
+                      fp32_torch=round(fp32_metric, 6)))
+    return doc, reference, fp32_metric
+
+
 def _check_reference(recipe: Recipe, reference: np.ndarray, evals) -> None:
     """The fp32 torch outputs every artifact is judged against: finite, and wide enough for the labels."""
     from edgekit.measure.verify import non_finite
@@ -180,6 +254,29 @@ def _check_reference(recipe: Recipe, reference: np.ndarray, evals) -> None:
             raise InputError(f"evaluation data {evals.path}: 'labels' holds class {int(evals.labels.max())} "
                              f"(sample {int(evals.labels.argmax())}), but the model's first output has {width} "
                              f"classes (0..{width - 1})")
+
+
+def run_targets(profiles: Sequence[Profile], shared: _Run) -> list[TargetRow]:
+    """Every target's row: one after the other here; all at once on a cluster (its jobs queue on Ray)."""
+    if shared.here or len(profiles) < 2:
+        return [run_target(prof, shared) for prof in profiles]
+    return concurrently([lambda p=p: run_target(p, shared) for p in profiles], shared.executor)
+
+
+def concurrently(calls, executor) -> list:
+    """Run ``calls`` in threads (each waits on its Ray tasks); Ctrl-C cancels the tasks in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=len(calls))
+    futures = [pool.submit(c) for c in calls]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        executor.cancel_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def run_target(prof: Profile, shared: _Run) -> TargetRow:
@@ -221,13 +318,13 @@ def _build(prof: Profile, shared: _Run, row: TargetRow, work: Path, log: Path) -
         job.prune_eval = PruneEval(eval=str(recipe.resolve(recipe.data.evaluation)), reference=str(ref_path),
                                    limit=len(shared.reference), cache=str(shared.staging / "prune_cache"))
     key = shared.keys.build(job.identity(), prof.path, row.versions) if shared.keys else ""
-    result, hit = shared.cache.build(key, Path(job.out), lambda: run_in_worker(
-        "build", job, work / "build", log).model_dump(mode="json"))
+    result, hit = shared.cache.build(key, Path(job.out), lambda: _run_job(
+        shared, row, "build", job, work / "build", log).model_dump(mode="json"))
     built = BuildResult.model_validate(result)
     row.cache = {"key": key[:16] or None, "build": "hit" if hit else "miss", "measure": {}}
     if hit:
         say(f"[{prof.name}] build: cached ({shared.cache.root}/builds/{key[:16]}...)")
-    row.timings = built.timings
+    row.timings = {**built.timings, **(row.timings or {})}
     row.quantize_search, row.prune = built.quantize_search, built.prune
     return built, key
 
@@ -238,20 +335,23 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
     process (load time and memory on the board for an ``ssh:`` device). Timing is ``_time``'s."""
     recipe = shared.recipe
     remote = prof.device.startswith("ssh:")  # verified here, timed there
-    unmeasurable = devices.unmeasurable_reason(prof.device, prof.arch) or (
-        None if remote else backend.unmeasurable_reason(runtime))
+    unplaced = None if prof.device != "host" else shared.executor and shared.executor.unplaceable(prof.resources)
     say(f"[{prof.name}] verify {kind} ({art.precision})")
     job = MeasureJob(backend=prof.backend, artifact=art.path, runtime=runtime.model_dump(),
                      eval=str(recipe.resolve(recipe.data.evaluation)), inputs=[i.name for i in recipe.model.inputs],
                      limit=len(shared.reference), warmup=prof.bench.warmup, runs=prof.bench.runs,
-                     bench=False, outputs=str(work / f"{kind}_outputs.npy"))
-    key = shared.keys.measure(build_key, kind, job.identity(), machine()) if shared.keys else ""
-    okey = shared.keys.outputs(art.files, job.identity_of_outputs(), machine(), row.versions) if shared.keys else ""
+                     bench=False, outputs=str(work / f"{kind}_outputs.npy"),
+                     arch=prof.arch if prof.device == "host" else None)
+    # keyed by this machine: on a cluster the node that runs it may differ from run to run, so not kept
+    key = shared.keys.measure(build_key, kind, job.identity(), machine()) if shared.keys and shared.here else ""
+    okey = shared.keys.outputs(art.files, job.identity_of_outputs(), machine(), row.versions) \
+        if shared.keys and shared.here else ""
 
     def measure() -> dict:
         known = bool(okey) and shared.cache.outputs(okey, Path(job.outputs))  # verified before: time only
-        res = run_in_worker("measure", job.model_copy(update={"verify": not known}), work / f"measure_{kind}", log,
-                            progress=f"[{prof.name}] verify {kind}")
+        res = _run_job(shared, row, "measure", job.model_copy(update={"verify": not known}), work / f"measure_{kind}",
+                       log, progress=f"[{prof.name}] verify {kind}",
+                       measure_for=(shared.group(prof), {} if unplaced else prof.resources))
         if not known and okey:
             shared.cache.keep_outputs(okey, Path(job.outputs))
         row.cache["measure"][kind] = "timed (outputs cached)" if known else "measured"
@@ -265,7 +365,13 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
     bad = non_finite(outputs)
     if bad:
         raise TargetError(f"the {kind} artifact {art.path} gives {bad}: it cannot be trusted (nothing was timed)")
-    verified_on = _on(host_device(), measured.runtime_device)
+    unmeasurable = unplaced or (measured.unmeasurable if prof.device == "host" else
+                                devices.unmeasurable_reason(prof.device, prof.arch))
+    node = shared.executor.where(shared.group(prof)) if shared.executor else None
+    if node:  # verified (and timed) on a cluster node: the report names it
+        row.device = node_label(node)
+        row.device_info = node["machine"]
+    verified_on = _on(node_label(node) if node else host_device(), measured.runtime_device)
     if remote and unmeasurable is None:
         say(f"[{prof.name}] load {kind} on {prof.device}")
         timed = _remote(prof, backend, runtime, recipe, "benchmark", art.files, runs=1)
@@ -278,6 +384,26 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
         fidelity=fidelity(outputs, shared.reference), latency_ms=measured.latency_ms, latency_reason=unmeasurable,
         load_ms=measured.load_ms, peak_rss_mb=measured.peak_rss_mb, io=measured.io, verified_on=verified_on,
         measured_on=None if unmeasurable else _on(row.device, measured.runtime_device))
+
+
+def node_label(node: dict) -> str:
+    return f"ray node {node['id'][:8]} at {node['ip']} ({node['hostname']}, {node['arch']})"
+
+
+def _run_job(shared: _Run, row: TargetRow, kind: str, job, stem: Path, log: Path, progress: Optional[str] = None,
+             measure_for: Optional[tuple[str, dict]] = None):
+    """One job, through the run's executor (worker processes here by default). Its wall time (on a
+    cluster: queueing and transfers included) adds up in ``row.timings["<kind>_job_s"]``."""
+    import time
+
+    start = time.monotonic()
+    try:
+        if shared.executor is None:
+            return run_in_worker(kind, job, stem, log, progress)
+        return shared.executor.run(kind, job, stem, log, progress, measure_for=measure_for)
+    finally:
+        row.timings = row.timings or {}
+        row.timings[f"{kind}_job_s"] = round(row.timings.get(f"{kind}_job_s", 0) + time.monotonic() - start, 2)
 
 
 def _arm_check(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row: TargetRow, work: Path) -> None:
@@ -371,12 +497,15 @@ def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row
                       warmup=b.warmup, per_round=b.per_round, min_rounds=b.min_rounds, max_seconds=b.max_seconds,
                       interval=b.interval, pin=b.pin)
         key = shared.keys.measure(build_key, "timing", {**job.identity(), "sessions": b.sessions},
-                                  machine()) if shared.keys else ""
+                                  machine()) if shared.keys and shared.here else ""
         share = job.model_copy(update={"max_seconds": b.max_seconds / b.sessions})
+        place = (shared.group(prof), {} if shared.executor and shared.executor.unplaceable(prof.resources)
+                 else prof.resources)
 
         def sessions() -> dict:
-            done = [run_in_worker("time", share, work / f"time{i}", log,
-                                  progress=f"[{prof.name}] benchmark, process {i + 1}/{b.sessions}").model_dump(mode="json")
+            done = [_run_job(shared, row, "time", share, work / f"time{i}", log,
+                             progress=f"[{prof.name}] benchmark, process {i + 1}/{b.sessions}",
+                             measure_for=place).model_dump(mode="json")
                     for i in range(b.sessions)]
             return merge_sessions(done, base, b.interval)
 
@@ -385,6 +514,9 @@ def _time(prof: Profile, backend, runtime, built: BuildResult, shared: _Run, row
             row.cache["measure"]["timing"] = "reused"
         method = ("interleaved rounds in one process" if b.sessions == 1 else
                   f"interleaved rounds in each of {b.sessions} fresh processes, pooled")
+        node = shared.executor.where(shared.group(prof)) if shared.executor else None
+        if node:
+            method += f", on {node_label(node)}"
     timed = TimeResult.model_validate(res)
     noise = noise_reasons(timed.conditions, timed.stable, timed.stopped)
     floor = b.noisy_floor if noise else b.floor  # intervals at least ±floor wide (BenchSettings)

@@ -95,7 +95,7 @@ def build(job: BuildJob) -> BuildResult:
     from edgekit.inputs.model import configure_torch, example_inputs, load_model
     from edgekit.quantize import rescue
 
-    recipe = load_recipe(job.recipe)
+    recipe = _relocate(load_recipe(job.recipe), job.relocated)
     profile = load_profile(job.target, recipe.root)
     backend = get_backend(profile.backend)
     export_opts, quant_opts, _ = backend.options(profile)
@@ -239,6 +239,16 @@ def _int8_like(backend, fp32, model, opts, calib, folder: Path, export, target: 
     return art
 
 
+def _relocate(recipe, relocated: dict[str, str]):
+    """A cluster node's copies of the recipe's absolute paths (``BuildJob.relocated``)."""
+    if not relocated:
+        return recipe
+    data = {k: relocated[k] for k in ("calibration", "evaluation") if k in relocated}
+    model = {"source": relocated["model"]} if "model" in relocated else {}
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update=data),
+                                     "model": recipe.model.model_copy(update=model)})
+
+
 def _prune(model, recipe, profile, calib, prune_eval: PruneEval | None, result: BuildResult):
     """Prune (and recover) a copy of ``model`` for this target; record the facts in ``result.prune``."""
     import copy
@@ -299,7 +309,10 @@ def measure(job: MeasureJob) -> MeasureResult:
                                  warmup=job.warmup, runs=job.runs, bench=job.bench)
     if job.verify:
         np.save(job.outputs, outputs)
-    return MeasureResult.model_validate(stats)
+    from edgekit.measure.devices import unmeasurable_reason
+
+    why = unmeasurable_reason("host", job.arch) or backend.unmeasurable_reason(runtime)
+    return MeasureResult.model_validate({**stats, "unmeasurable": why})
 
 
 def time_target(job: TimeJob) -> TimeResult:

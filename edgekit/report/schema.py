@@ -289,7 +289,7 @@ class EvalInfo(_Model):
 
 
 class Report(_Model):
-    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("baseline", "previous")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ("baseline", "previous", "cluster")
 
     schema_: str = Field(default=SCHEMA, alias="schema")
     edgekit_version: str
@@ -305,6 +305,8 @@ class Report(_Model):
     baseline: Optional[dict[str, Any]] = None
     previous: Optional[str] = None
     """Where the output this run replaced was kept (``<out>.prev``), if there was one."""
+    cluster: Optional[str] = None
+    """The Ray cluster the jobs ran on (``edgekit run --cluster``); each row's ``device`` names its node."""
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
