@@ -21,23 +21,31 @@ from edgekit.errors import InputError, TargetError
 
 
 def run(recipe: str | Path | dict, targets: Optional[Sequence[str]] = None, out: Optional[str | Path] = None,
-        device: Optional[str] = None, cache: bool = True, reuse: bool = False):
+        device: Optional[str] = None, cache: bool = True, reuse: bool = False, cluster: Optional[str] = None):
     """Run the pipeline (``edgekit run``) and return the typed report (``edgekit.report.schema.Report``).
 
     ``recipe``: a recipe file or folder, or the recipe's content as a dict; in a dict, relative paths
-    (model source, data files, target profiles) resolve against the current directory."""
-    from edgekit.orchestrate import pipeline
-    from edgekit.orchestrate.cache import Cache
-
+    (model source, data files, target profiles) resolve against the current directory. ``cluster``:
+    as ``edgekit run --cluster`` (default: the recipe's ``[run] cluster``, else worker processes here)."""
     if not isinstance(recipe, dict):
-        return pipeline.run(recipe, targets, out, device, cache=Cache.open(cache, reuse))
+        return _run(recipe, targets, out, device, cache, reuse, cluster)
     folder = Path(tempfile.mkdtemp(prefix="edgekit-recipe-"))
     try:
         path = folder / "edgekit.toml"
         path.write_text(to_toml(_absolute(recipe, Path.cwd())))
-        return pipeline.run(path, targets, out, device, cache=Cache.open(cache, reuse))
+        return _run(path, targets, out, device, cache, reuse, cluster)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(path, targets, out, device, cache: bool, reuse: bool, cluster: Optional[str]):
+    from edgekit.config.recipe import load_recipe
+    from edgekit.orchestrate import pipeline
+    from edgekit.orchestrate.cache import Cache
+    from edgekit.orchestrate.executor import opened
+
+    with opened(cluster or load_recipe(path).run.cluster) as executor:
+        return pipeline.run(path, targets, out, device, cache=Cache.open(cache, reuse), executor=executor)
 
 
 def bench(artifact: str | Path, target: Optional[str] = None, data: Optional[str | Path] = None,

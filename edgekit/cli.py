@@ -237,23 +237,17 @@ def _raise_interrupt(signum, frame):
 
 
 def _run(args) -> int:
-    from edgekit.orchestrate.executor import open_executor
+    from edgekit.orchestrate.executor import opened
 
     recipes = args.recipe if isinstance(args.recipe, list) else [args.recipe]
     for flag in ("junit", "summary"):  # written after the run: checked before it
         if getattr(args, flag, None):
             _check_writable(Path(getattr(args, flag)), f"--{flag}")
-    executor = open_executor(args.cluster or _recipe_cluster(recipes))  # unreachable: exit 2 before any work
-    try:
+    with opened(args.cluster or _recipe_cluster(recipes)) as executor:  # unreachable: exit 2 before any work
         if len(recipes) > 1:
             return _run_matrix(args, recipes, executor)
         args.recipe = recipes[0]
         return _run_one(args, executor)
-    except BaseException:
-        executor.cancel_all()
-        raise
-    finally:
-        executor.close()
 
 
 def _recipe_cluster(recipes: list[str]) -> Optional[str]:

@@ -15,7 +15,8 @@ from edgekit.measure.machine import machine
 
 TORCH = ("torch", "torch", "model loading, torch.export, ONNX export", "pip install torch==2.13.0")
 EXTRAS = (("matplotlib", "matplotlib", "report.html plots", "pip install -e '.[report]'"),
-          ("torch_pruning", "torch-pruning", "structured pruning ([prune] in a recipe)", "pip install -e '.[prune]'"))
+          ("torch_pruning", "torch-pruning", "structured pruning ([prune] in a recipe)", "pip install -e '.[prune]'"),
+          ("ray", "ray", "jobs on a cluster (edgekit run --cluster)", "pip install -e '.[cluster]'"))
 
 
 def _version(dist: str):

@@ -5,7 +5,6 @@ naming the bad input, before any work."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -237,3 +236,38 @@ def test_ctrl_c_cancels_the_cluster_jobs_and_writes_nothing(cluster, tmp_path):
             break
         time.sleep(1)
     assert not ps, f"build workers still running: {ps}"
+
+
+# -- what travels to a node ---------------------------------------------------------------------------
+
+def test_a_build_ships_the_recipe_model_folder_data_and_profile(workdir, write_recipe, tmp_path):
+    from edgekit.orchestrate.executor import _files_of, _mirror, _unmirror
+    from edgekit.orchestrate.jobs import BuildJob
+
+    recipe = write_recipe()
+    (workdir / "__pycache__").mkdir()
+    (workdir / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    (workdir / ".git").mkdir()
+    (workdir / ".git" / "HEAD").write_text("x")
+    (workdir / "runs" / "old").mkdir(parents=True)
+    (workdir / "runs" / "old" / "model_int8.onnx").write_bytes(b"x")
+    (workdir / "weights.pt").write_bytes(b"w")  # read by the model file: travels with it
+    job = BuildJob(recipe=str(recipe), target=str(ROOT / "targets" / "ort-cpu.toml"), out=str(tmp_path / "out"))
+    ship, back, scratch = _files_of("build", job)
+    names = {p.name for p in ship}
+    assert {"edgekit.toml", "model.py", "weights.pt", "calib.npz", "eval.npz", "ort-cpu.toml"} <= names
+    assert not {"model.cpython-311.pyc", "HEAD", "model_int8.onnx"} & names
+    assert back == [tmp_path / "out"] and scratch == []
+    moved = _mirror(job.model_dump(mode="json"), "/node/fs", [str(p) for p in ship + back])
+    assert moved["recipe"] == "/node/fs" + str(recipe) and moved["out"] == "/node/fs" + str(tmp_path / "out")
+    assert _unmirror(moved, "/node/fs") == job.model_dump(mode="json")
+
+
+def test_a_model_folder_too_big_to_send_is_refused_naming_it(tmp_path, monkeypatch):
+    from edgekit.errors import InputError
+    from edgekit.orchestrate import executor
+
+    (tmp_path / "big.bin").write_bytes(b"x" * 2048)
+    monkeypatch.setattr(executor, "MAX_FOLDER_BYTES", 1024)
+    with pytest.raises(InputError, match=re.escape(f"model folder {tmp_path}: 0.0 GB to send") + ".*keep the model file"):
+        executor._folder(tmp_path)

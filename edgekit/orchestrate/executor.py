@@ -25,7 +25,7 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,6 +64,19 @@ def open_executor(cluster: Optional[str]):
     if cluster in (None, "", "none"):
         return LocalExecutor()
     return RayExecutor(cluster)
+
+
+@contextmanager
+def opened(cluster: Optional[str]):
+    """``open_executor`` for one run: its tasks cancelled on any error or Ctrl-C, Ray disconnected after."""
+    executor = open_executor(cluster)
+    try:
+        yield executor
+    except BaseException:
+        executor.cancel_all()
+        raise
+    finally:
+        executor.close()
 
 
 _ADDRESS = re.compile(r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_][A-Za-z0-9._-]*):([0-9]{1,5})")

@@ -368,7 +368,7 @@ def _measure(kind: str, art: BuiltArtifact, prof: Profile, backend, runtime, sha
     unmeasurable = unplaced or (measured.unmeasurable if prof.device == "host" else
                                 devices.unmeasurable_reason(prof.device, prof.arch))
     node = shared.executor.where(shared.group(prof)) if shared.executor else None
-    if node:  # verified (and timed) on a cluster node: the report names it
+    if node and prof.device == "host":  # verified and timed on a cluster node: the report names it
         row.device = node_label(node)
         row.device_info = node["machine"]
     verified_on = _on(node_label(node) if node else host_device(), measured.runtime_device)
@@ -446,7 +446,12 @@ def _arm_check(prof: Profile, backend, runtime, built: BuildResult, shared: _Run
 
         key = shared.keys.arm(files[kind].files, v.model_dump(), aarch64.sysroot_key(), arm_runner_digest(backend),
                               row.versions) if shared.keys else ""
+        import time
+
+        start = time.monotonic()
         got = shared.cache.value(key, check) if key else check()
+        row.timings = {**(row.timings or {}), "arm_check_s": round((row.timings or {}).get("arm_check_s", 0)
+                                                                   + time.monotonic() - start, 2)}
         ok = got.pop("within_tolerance")
         res.arm = ArmCheck(status="ok" if ok else "failed", device=v.device, of=len(host), tolerance=v.tolerance,
                            floor=v.floor, **got)
