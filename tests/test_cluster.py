@@ -271,3 +271,23 @@ def test_a_model_folder_too_big_to_send_is_refused_naming_it(tmp_path, monkeypat
     monkeypatch.setattr(executor, "MAX_FOLDER_BYTES", 1024)
     with pytest.raises(InputError, match=re.escape(f"model folder {tmp_path}: 0.0 GB to send") + ".*keep the model file"):
         executor._folder(tmp_path)
+
+
+def test_files_a_node_sends_back_are_checked_before_they_land(tmp_path):
+    import hashlib
+
+    from edgekit.errors import TargetError
+    from edgekit.orchestrate.executor import _land
+
+    out = tmp_path / "out"
+    good = b"artifact bytes"
+    sha = hashlib.sha256(good).hexdigest()
+    _land([(str(out / "model.onnx").lstrip("/"), sha, good)], [out], "ray node 10.0.0.7", "build")
+    assert (out / "model.onnx").read_bytes() == good
+    with pytest.raises(TargetError, match=r"do not match the sha256 it sent"):
+        _land([(str(out / "model.onnx").lstrip("/"), sha, b"tampered")], [out], "ray node 10.0.0.7", "build")
+    assert (out / "model.onnx").read_bytes() == good
+    for elsewhere in (tmp_path / "etc" / "passwd", out / ".." / "escape"):
+        with pytest.raises(TargetError, match=r"ray node 10.0.0.7 sent back .* which is not where the build job writes"):
+            _land([(str(elsewhere).lstrip("/"), sha, good)], [out], "ray node 10.0.0.7", "build")
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "escape").exists()

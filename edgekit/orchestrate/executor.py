@@ -196,15 +196,7 @@ class RayExecutor:
             f.write(answer["log"])
         if "error" in answer:
             raise TargetError(f"{answer['error']} (on ray node {node['ip']})")
-        for rel, sha, data in answer["files"]:
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise TargetError(f"{rel}: the bytes that came back from ray node {node['ip']} do not match "
-                                  f"the sha256 it sent ({sha[:16]}...): not used")
-            dest = Path("/" + rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.part")
-            tmp.write_bytes(data)
-            tmp.replace(dest)
+        _land(answer["files"], back, f"ray node {node['ip']}", kind)
         if group is not None:
             self._pinned.setdefault(group, node["id"])
             self._where.setdefault(group, node)
@@ -280,6 +272,23 @@ class RayExecutor:
         finally:
             with self._lock:
                 self._inflight.discard(ref)
+
+
+def _land(files, back: list[Path], where: str, kind: str) -> None:
+    """Write the files a node sent back at their paths here: each checked against the sha256 it came
+    with, and only inside the folders or files the job writes (``back``)."""
+    for rel, sha, data in files:
+        dest = Path("/" + rel)
+        if ".." in dest.parts or not any(dest == b or b in dest.parents for b in back):
+            raise TargetError(f"{where} sent back {dest}, which is not where the {kind} job writes "
+                              f"({', '.join(map(str, back)) or 'nothing'}): not used")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise TargetError(f"{dest}: the bytes that came back from {where} do not match the sha256 it sent "
+                              f"({sha[:16]}...): not used")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
 
 
 def _satisfies(have: dict, want: dict) -> bool:
@@ -403,11 +412,9 @@ def _materialize(files, root: Path) -> None:
 
 
 def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from edgekit.report.manifest import sha256
+
+    return sha256(p)
 
 
 def _mirror(obj, root: str, paths: list[str]):
