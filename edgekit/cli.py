@@ -310,7 +310,7 @@ def _run_one(args, executor) -> int:
 
         recipe = load_recipe(args.recipe)
         compared = baseline.compare(doc, base, recipe.gates, confirm=None if args.reuse else (
-            lambda row, prev: confirm_latency(recipe, row, out, args.baseline, prev)))
+            lambda row, prev: confirm_latency(recipe, row, out, args.baseline, prev, executor=executor)))
         doc.baseline = {"path": str(args.baseline), "created": base.created, "results": compared}
         results += compared
         report.write(doc, out)

@@ -291,3 +291,61 @@ def test_files_a_node_sends_back_are_checked_before_they_land(tmp_path):
         with pytest.raises(TargetError, match=r"ray node 10.0.0.7 sent back .* which is not where the build job writes"):
             _land([(str(elsewhere).lstrip("/"), sha, good)], [out], "ray node 10.0.0.7", "build")
     assert not (tmp_path / "etc").exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.slow
+def test_release_remeasurement_runs_on_the_node_that_timed_the_target(cluster, tmp_path):
+    """``edgekit ci --baseline`` re-times a suspected regression: on a cluster, on the board, never here."""
+    from edgekit.config.recipe import load_recipe
+    from edgekit.orchestrate.executor import RayExecutor
+    from edgekit.release.confirm import confirm_latency
+    from edgekit.report.schema import Report
+
+    c, board = cluster
+    prof = board_profiles(tmp_path)[0]
+    recipe = tmp_path / "edgekit.toml"  # the recipe names the board's profile, as a release recipe would
+    recipe.write_text((EXAMPLE / "edgekit.toml").read_text().replace(
+        'targets = ["ort-cpu", "openvino-x86", "tflite-mobile"]', f'targets = ["{prof}"]')
+        .replace("../../calibration", str(ROOT / "calibration")).replace('"model.py:build"', f'"{EXAMPLE}/model.py:build"'))
+    r = edgekit("run", recipe, "--cluster", c.address, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = Report.read(tmp_path / "out" / "report.json").targets[0]
+    ex = RayExecutor(c.address)
+    try:
+        got = confirm_latency(load_recipe(recipe), row, tmp_path / "out", tmp_path / "out" / "report.json", row,
+                              executor=ex)
+        assert got is not None and got["method"] == "ab" and got["a"].p50 > 0 and got["b"].p50 > 0
+        assert ex.where(f"{recipe}::ort-cpu")["id"] == board.node_id
+    finally:
+        ex.close()
+
+
+@pytest.mark.slow
+def test_a_build_whose_node_dies_is_retried_elsewhere(tmp_path):
+    """Builds are idempotent: Ray runs a lost one again on a live node, and the target ends ok."""
+    ray_utils = pytest.importorskip("ray.cluster_utils")
+    c = ray_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    builder = c.add_node(num_cpus=1)  # one build slot each: the two builds start on both nodes
+    c.wait_for_nodes()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit", "run", str(EXAMPLE), "--targets", "ort-cpu",
+                                 "openvino-x86", "--no-cache", "--cluster", c.address, "--out", str(tmp_path / "out")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL)
+        started, seen = set(), []
+        for line in proc.stdout:
+            seen.append(line)
+            m = re.search(r"\[(ort-cpu|openvino-x86)\] export fp32 \.\.\.", line)
+            if m:
+                started.add(m.group(1))
+            if len(started) == 2:  # both builds running, one of them on the second node: pull its plug
+                c.remove_node(builder, allow_graceful=False)
+                break
+        output = "".join(seen) + proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, output
+        d = json.loads((tmp_path / "out" / "report.json").read_text())
+        assert [t["status"] for t in d["targets"]] == ["ok", "ok"], output
+        head = c.head_node.node_id[:8]
+        assert all(t["device"].startswith(f"ray node {head} ") for t in d["targets"])  # measured on the survivor
+    finally:
+        c.shutdown()

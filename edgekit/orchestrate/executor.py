@@ -57,6 +57,12 @@ class LocalExecutor:
         pass
 
 
+def measure_group(recipe_path, target: str) -> str:
+    """One target of one recipe: its verification and timing jobs (and release CI's re-measurement)
+    go to the same node."""
+    return f"{recipe_path}::{target}"
+
+
 def open_executor(cluster: Optional[str]):
     """``None`` or ``"none"``: local worker processes. ``local``: a Ray instance started here, for this run.
     ``auto``: the Ray cluster this machine belongs to (``ray start``). ``HOST:PORT``: a cluster's head (GCS
@@ -333,7 +339,9 @@ def _files_of(kind: str, job) -> tuple[list[Path], list[Path], list[Path]]:
         return _unique([*_artifact_files(Path(job.artifact)), Path(job.eval)]), [Path(job.outputs)], []
     if kind == "time":
         return _unique([f for a in job.artifacts.values() for f in _artifact_files(Path(a))] + [Path(job.eval)]), [], []
-    raise ValueError(f"{kind} jobs run here")
+    if kind == "ab":
+        return _unique([*_artifact_files(Path(job.baseline)), *_artifact_files(Path(job.current)), Path(job.eval)]), [], []
+    raise ValueError(f"unknown job kind {kind!r}")
 
 
 MAX_FOLDER_BYTES = 2 << 30

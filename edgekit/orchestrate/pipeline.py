@@ -111,8 +111,9 @@ class _Run:
         return self.executor is None or self.executor.name == "local"
 
     def group(self, prof: Profile) -> str:
-        """One target of one recipe: its verification and timing jobs go to one node."""
-        return f"{self.recipe.path}::{prof.name}"
+        from edgekit.orchestrate.executor import measure_group
+
+        return measure_group(self.recipe.path, prof.name)
 
 
 def run(recipe_path: str | Path, targets: Optional[Sequence[str]] = None,
