@@ -142,6 +142,7 @@ def test_cluster_gives_the_local_figures_and_measures_on_the_board(cluster, tmp_
     assert _figures(tmp_path / "ray") == _figures(tmp_path / "local")
     d = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert d["cluster"] == c.address
+    assert f"on the node each row's device names (Ray cluster {c.address})" in (tmp_path / "ray" / "report.md").read_text()
     for t in d["targets"]:  # every measurement ran on the node advertising the resource
         assert t["device"].startswith(f"ray node {board.node_id[:8]} "), t["device"]
         assert t["optimized"]["latency_ms"]["p50"] > 0 and t["speedup_p50"] > 1

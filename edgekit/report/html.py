@@ -16,7 +16,7 @@ import html
 import io
 from pathlib import Path
 
-from edgekit.report.markdown import speed_text
+from edgekit.report.markdown import latency_host, speed_text
 from edgekit.report.schema import GateResult, Report
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222;max-width:1220px}
@@ -197,7 +197,7 @@ def gates_table(results: list, title: str) -> str:
 
 
 def render(doc: Report) -> str:
-    m, mach, ev = doc.model, doc.machine, doc.eval
+    m, ev = doc.model, doc.eval
     try:
         figs = plots(doc)
         fig_html = "\n".join(f'<div class="fig"><h3>{_e(t)}</h3>{img}</div>' for t, img in figs) or \
@@ -211,8 +211,8 @@ def render(doc: Report) -> str:
         f"<p>{m.params / 1e6:.2f} M params, {m.macs / 1e6:.1f} M MACs per sample · {_e(ev.metric)} on "
         f"{ev.n} held-out samples (fp32 PyTorch: {ev.fp32_torch:.4f}) · edgekit {_e(doc.edgekit_version)}"
         f" · {_e(doc.created)}</p>",
-        f"<p>Latency: batch 1, timed runs after warm-up, on {_e(mach.cpu)} ({mach.cores} cores, "
-        f"{_e(mach.os)}); a target's artifacts are timed in interleaved rounds, speedup = median over "
+        f"<p>Latency: batch 1, timed runs after warm-up, on {_e(latency_host(doc))}; a target's "
+        f"artifacts are timed in interleaved rounds, speedup = median over "
         f"rounds of fp32 p50 / optimized p50 [95 % interval]. 'drop' = fp32 PyTorch metric − optimized "
         f"artifact metric.</p>",
         table(doc),

@@ -140,7 +140,7 @@ def _gate_line(g, baseline: bool) -> str:
 
 
 def markdown(doc: Report) -> str:
-    m, mach, ev = doc.model, doc.machine, doc.eval
+    m, ev = doc.model, doc.eval
     out = [
         f"# edgekit report: {m.name}",
         "",
@@ -150,8 +150,8 @@ def markdown(doc: Report) -> str:
         "",
         table(doc),
         "",
-        f"Latency: batch 1, p50 of timed runs after warm-up, on {mach.cpu} ({mach.cores} cores, "
-        f"{mach.os}); threads per target below. A target's artifacts are timed in interleaved rounds; "
+        f"Latency: batch 1, p50 of timed runs after warm-up, on {latency_host(doc)}; threads per target below. "
+        f"A target's artifacts are timed in interleaved rounds; "
         f"speedup = median over rounds of fp32 p50 / optimized p50, [95 % interval]. "
         f"'drop' = fp32 PyTorch metric − optimized artifact metric.",
         "",
@@ -237,3 +237,11 @@ def search_md(qs: SearchOutcome | None) -> list[str]:
         out.append(f"  - step {i}: {st.step}: drop {st.drop:+.4f}, ~{st.latency_ms:.2f} ms, "
                    f"{len(st.kept_float)} kept in float{mark}")
     return out
+
+
+def latency_host(doc: Report) -> str:
+    """Where latency was taken: this machine, or (on a cluster) the node each row names."""
+    if doc.cluster:
+        return f"the node each row's device names (Ray cluster {doc.cluster})"
+    mach = doc.machine
+    return f"{mach.cpu} ({mach.cores} cores, {mach.os})"
