@@ -57,9 +57,14 @@ The recipe (edgekit.toml; relative paths resolve against its folder):
   # energies = { text = 0.85 }           # per tower: share of each weight's squared singular values kept
   # include = ["*.intermediate.dense"]   # module-name patterns (default: every Linear)
 
+  # [run]
+  # cluster = "head:6379"                # run the jobs as Ray tasks there (see --cluster; README: Running
+                                         # on a cluster); a target profile's `resources` picks its node
+
 Output (--out, default runs/<model name>/): report.json (schema edgekit.report/1), report.md,
 report.html, manifest.json (sha256 of every artifact file), artifacts/<target>/ (fp32 and
-optimized), logs/<target>.log. Builds are cached in $EDGEKIT_CACHE (default ~/.cache/edgekit).
+optimized), logs/<target>.log. Several recipes (`edgekit run a.toml b.toml`): one such folder per
+recipe in <out>/<model name>/, plus matrix.json (schema edgekit.matrix/1) and matrix.md in <out>. Builds are cached in $EDGEKIT_CACHE (default ~/.cache/edgekit).
 The directory appears only when the run finishes; a failed target is a 'failed' row with its
 reason, and the other targets still run.
 
