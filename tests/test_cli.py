@@ -17,7 +17,8 @@ def test_help_teaches_the_recipe(capsys):
         main(["run", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for key in ("[model]", "source =", "calibration =", "metric =", "[gates]", "Exit codes"):
+    for key in ("[model]", "source =", "calibration =", "metric =", "[gates]", "Exit codes", "[run]", "--cluster",
+                "matrix.json"):
         assert key in out
 
 
