@@ -108,7 +108,7 @@ class _Run:
     @property
     def here(self) -> bool:
         """Jobs run on this machine (measurement caches keyed by this machine apply)."""
-        return self.executor is None or self.executor.name == "local"
+        return _local(self.executor)
 
     def group(self, prof: Profile) -> str:
         from edgekit.orchestrate.executor import measure_group
@@ -179,12 +179,8 @@ def run_matrix(recipe_paths: Sequence[str | Path], targets: Optional[Sequence[st
         return entry
 
     calls = [lambda r=r, o=o: one(r, o) for r, o in zip(recipe_paths, outs)]
-    if executor is None or executor.name == "local":
-        entries = [c() for c in calls]
-    else:
-        entries = concurrently(calls, executor)
-    matrix.write(parent, entries, None if executor is None or executor.name == "local" else executor.address,
-                 time.monotonic() - t0)
+    entries = [c() for c in calls] if _local(executor) else concurrently(calls, executor)
+    matrix.write(parent, entries, None if _local(executor) else executor.address, time.monotonic() - t0)
     return entries, parent
 
 
@@ -255,6 +251,10 @@ def _check_reference(recipe: Recipe, reference: np.ndarray, evals) -> None:
             raise InputError(f"evaluation data {evals.path}: 'labels' holds class {int(evals.labels.max())} "
                              f"(sample {int(evals.labels.argmax())}), but the model's first output has {width} "
                              f"classes (0..{width - 1})")
+
+
+def _local(executor) -> bool:
+    return executor is None or executor.name == "local"
 
 
 def run_targets(profiles: Sequence[Profile], shared: _Run) -> list[TargetRow]:
